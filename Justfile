@@ -1,0 +1,27 @@
+# Spool's entry points. `just --list` explains every recipe.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# List the recipes
+default:
+    @just --list
+
+# Run the whole test suite against a private PostgreSQL it starts (and removes) itself
+test *args:
+    scripts/test.sh {{args}}
+
+# Start Postgres and two executors, enqueue ticker runs, kill one executor mid-run, watch recovery
+demo:
+    scripts/demo.sh
+
+# Formatting and lints, as CI runs them
+lint:
+    cargo fmt --check
+    cargo clippy --all-targets -- -D warnings
+
+# Start a private PostgreSQL under target/dev-pg and print its DATABASE_URL
+dev-db:
+    @port=$(scripts/pg.sh start target/dev-pg) && echo "export DATABASE_URL=postgres://postgres@127.0.0.1:$port/postgres?sslmode=disable"
+
+# Stop the private PostgreSQL started by dev-db
+dev-db-stop:
+    scripts/pg.sh stop target/dev-pg

@@ -1,0 +1,240 @@
+//! The `spool` command line: `serve`, `migrate`, `enqueue`, `runs list|show|cancel`.
+//!
+//! [`main_with`] is the whole program for a given workflow registry, so a user's own server binary
+//! (see `examples/server.rs`) is `spool` plus its workflows.
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ServeArgs};
+use crate::db::runs::{self, NewRun, RunFilter};
+use crate::db::{self, steps, PgTarget};
+use crate::executor;
+use crate::workflow::Registry;
+
+#[derive(Debug, Parser)]
+#[command(name = "spool", version, about = "A durable run queue on PostgreSQL")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run an executor and the HTTP API (migrates first).
+    Serve(ServeArgs),
+    /// Apply the schema migrations and exit.
+    Migrate(DbArgs),
+    /// Enqueue a run; prints its id.
+    Enqueue(EnqueueArgs),
+    /// Inspect and cancel runs.
+    #[command(subcommand)]
+    Runs(RunsCommand),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// PostgreSQL URL (sslmode honoured).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+}
+
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// Workflow name.
+    pub workflow: String,
+    /// JSON input.
+    #[arg(long, default_value = "{}")]
+    pub input: String,
+    /// Run id (default: a UUID).
+    #[arg(long)]
+    pub id: Option<String>,
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Concurrency key.
+    #[arg(long)]
+    pub key: Option<String>,
+    #[arg(long)]
+    pub priority: Option<i32>,
+    /// Delay before the run may start: 500ms, 5s, 2m, or plain milliseconds.
+    #[arg(long)]
+    pub delay: Option<String>,
+    #[arg(long)]
+    pub max_attempts: Option<i32>,
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunsCommand {
+    /// Newest runs first.
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        workflow: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// One run with its steps, as JSON.
+    Show {
+        id: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Cancel a run (queued: at once; running: at its next step boundary).
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+/// Parses arguments and runs the command with `registry` as the executor's workflows.
+pub async fn main_with(registry: Registry) -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli, registry).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("spool: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+async fn run(cli: Cli, registry: Registry) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = Config::from_args(args)?;
+            crate::serve::serve(
+                config,
+                registry,
+                executor::discard_chunks(),
+                CancellationToken::new(),
+            )
+            .await?;
+        }
+        Command::Migrate(db) => {
+            let target = PgTarget::parse(&db.database_url)?;
+            let applied = crate::migrate::migrate(&target).await?;
+            println!("migrations applied: {applied:?}");
+        }
+        Command::Enqueue(args) => {
+            let input: Value = serde_json::from_str(&args.input)
+                .map_err(|e| anyhow::anyhow!("--input is not valid JSON: {e}"))?;
+            if let Some(id) = &args.id {
+                crate::validate::run_id(id).map_err(anyhow::Error::msg)?;
+            }
+            let delay_ms = args.delay.as_deref().map(parse_delay).transpose()?;
+            let client = connect(&args.db).await?;
+            let new = NewRun {
+                id: args.id,
+                workflow: args.workflow,
+                input,
+                queue: args.queue,
+                concurrency_key: args.key,
+                priority: args.priority,
+                max_attempts: args.max_attempts,
+                delay_ms,
+                run_at: None,
+            };
+            let (run, _created) = runs::insert_run(&client.client, &new).await?;
+            println!("{}", run.id);
+        }
+        Command::Runs(RunsCommand::List {
+            status,
+            workflow,
+            limit,
+            db,
+        }) => {
+            let client = connect(&db).await?;
+            let filter = RunFilter {
+                status,
+                workflow,
+                limit,
+                ..Default::default()
+            };
+            let runs = runs::list_runs(&client.client, &filter).await?;
+            println!(
+                "{:<38} {:<12} {:<10} {:>7} {:<16} created",
+                "id", "workflow", "status", "attempt", "executor"
+            );
+            for r in runs {
+                println!(
+                    "{:<38} {:<12} {:<10} {:>7} {:<16} {}",
+                    r.id,
+                    r.workflow,
+                    r.status,
+                    r.attempt,
+                    r.executor_id.as_deref().unwrap_or("-"),
+                    r.created_at.format("%Y-%m-%d %H:%M:%S")
+                );
+            }
+        }
+        Command::Runs(RunsCommand::Show { id, db }) => {
+            let client = connect(&db).await?;
+            let run = runs::get_run(&client.client, &id)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no run with id {id:?}"))?;
+            let steps = steps::load_steps(&client.client, &id).await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({"run": run, "steps": steps}))?
+            );
+        }
+        Command::Runs(RunsCommand::Cancel { id, db }) => {
+            let client = connect(&db).await?;
+            let run = runs::cancel_run(&client.client, &id)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no run with id {id:?}"))?;
+            let note = if run.status == "running" {
+                " (cancel requested; it stops at its next step boundary)"
+            } else {
+                ""
+            };
+            println!("{} {}{note}", run.id, run.status);
+        }
+    }
+    Ok(())
+}
+
+async fn connect(db: &DbArgs) -> anyhow::Result<db::DedicatedConnection> {
+    let target = PgTarget::parse(&db.database_url)?;
+    Ok(db::connect_dedicated(&target, "spool-cli", None).await?)
+}
+
+fn parse_delay(s: &str) -> anyhow::Result<i64> {
+    let s = s.trim();
+    let (num, factor) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3_600_000)
+    } else {
+        (s, 1)
+    };
+    let n: i64 = num
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--delay {s:?}: use 500ms, 5s, 2m, 1h or milliseconds"))?;
+    Ok(n * factor)
+}

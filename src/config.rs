@@ -1,0 +1,151 @@
+//! One [`Config`] for `spool serve`, read from flags and the environment (the same names) and
+//! validated once at startup. No silent defaults for secrets or addresses: a non-loopback listen
+//! address without a token is refused unless explicitly allowed.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::db::PgTarget;
+use crate::executor::ExecutorSettings;
+
+/// Flags of `spool serve`; each also reads the environment variable named.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// PostgreSQL URL; its sslmode (disable, prefer, require, verify-ca, verify-full) is honoured
+    /// by every connection.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// NATS server for live output (optional; without it chunks are not published).
+    #[arg(long, env = "NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Stable executor id (like a StatefulSet pod name). Falls back to POD_NAME.
+    #[arg(long, env = "SPOOL_EXECUTOR_ID")]
+    pub executor_id: Option<String>,
+    /// `production` refuses to start without a stable executor id.
+    #[arg(long, env = "SPOOL_ENV", default_value = "development")]
+    pub env: String,
+    /// HTTP listen address.
+    #[arg(long, env = "SPOOL_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Bearer token required by every endpoint but health.
+    #[arg(long, env = "SPOOL_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Serve a non-loopback address without a token (you take responsibility).
+    #[arg(long, env = "SPOOL_ALLOW_UNAUTHENTICATED", default_value_t = false)]
+    pub allow_unauthenticated: bool,
+    /// Worker slots: runs executing at once.
+    #[arg(long, env = "SPOOL_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: usize,
+    /// Most runs claimed per statement.
+    #[arg(long, env = "SPOOL_CLAIM_BATCH", default_value_t = 64)]
+    pub claim_batch: usize,
+    /// Comma-separated queues to serve (default: all).
+    #[arg(long, env = "SPOOL_QUEUES", value_delimiter = ',')]
+    pub queues: Option<Vec<String>>,
+    /// Grace period for in-flight runs on SIGTERM/SIGINT, in milliseconds.
+    #[arg(long, env = "SPOOL_GRACE_PERIOD_MS", default_value_t = 10_000)]
+    pub grace_period_ms: u64,
+    /// Fallback poll interval in milliseconds (jittered).
+    #[arg(long, env = "SPOOL_POLL_INTERVAL_MS", default_value_t = 500)]
+    pub poll_interval_ms: u64,
+    /// How often owned runs that nobody executes are taken back, in milliseconds.
+    #[arg(long, env = "SPOOL_RECOVERY_INTERVAL_MS", default_value_t = 10_000)]
+    pub recovery_interval_ms: u64,
+    /// At start, wait this long (ms) for a draining process with the same executor id to exit
+    /// (rolling restarts); 0 refuses at once.
+    #[arg(long, env = "SPOOL_LOCK_WAIT_MS", default_value_t = 0)]
+    pub lock_wait_ms: u64,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "SPOOL_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Only serve the HTTP API; claim nothing.
+    #[arg(long, conflicts_with = "worker_only")]
+    pub api_only: bool,
+    /// Only execute runs; no HTTP API.
+    #[arg(long)]
+    pub worker_only: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("SPOOL_ENV=production requires a stable SPOOL_EXECUTOR_ID (or POD_NAME): a random id per boot strands in-flight runs forever")]
+    MissingExecutorId,
+    #[error("invalid executor id {0:?}: use 1-128 letters, digits, '-', '_', ':' or '.'")]
+    BadExecutorId(String),
+    #[error("refusing to listen on {0} without SPOOL_API_TOKEN; set a token or pass --allow-unauthenticated")]
+    UnauthenticatedListen(SocketAddr),
+    #[error("{0}")]
+    Database(#[from] crate::db::tls::TlsError),
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+}
+
+/// Validated settings of one `spool serve` process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database: PgTarget,
+    pub nats_url: Option<String>,
+    pub listen: SocketAddr,
+    pub api_token: Option<String>,
+    pub max_body_bytes: usize,
+    pub serve_api: bool,
+    pub run_executor: bool,
+    pub executor: ExecutorSettings,
+    /// True when the executor id was generated (not stable across restarts).
+    pub generated_executor_id: bool,
+}
+
+impl Config {
+    pub fn from_args(args: ServeArgs) -> Result<Self, ConfigError> {
+        let database = PgTarget::parse(&args.database_url)?;
+        let stable_id = args
+            .executor_id
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok())
+            .filter(|s| !s.is_empty());
+        let generated_executor_id = stable_id.is_none();
+        let executor_id = match stable_id {
+            Some(id) => id,
+            None if args.env == "production" => return Err(ConfigError::MissingExecutorId),
+            None => format!("spool-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+        };
+        crate::validate::name("executor id", &executor_id)
+            .map_err(|_| ConfigError::BadExecutorId(executor_id.clone()))?;
+        let api_token = args.api_token.filter(|t| !t.is_empty());
+        let serve_api = !args.worker_only;
+        if serve_api
+            && api_token.is_none()
+            && !args.listen.ip().is_loopback()
+            && !args.allow_unauthenticated
+        {
+            return Err(ConfigError::UnauthenticatedListen(args.listen));
+        }
+        if args.concurrency == 0 {
+            return Err(ConfigError::Zero("SPOOL_CONCURRENCY"));
+        }
+        if args.claim_batch == 0 {
+            return Err(ConfigError::Zero("SPOOL_CLAIM_BATCH"));
+        }
+        let mut executor = ExecutorSettings::new(executor_id);
+        executor.concurrency = args.concurrency;
+        executor.claim_batch = args.claim_batch;
+        executor.queues = args.queues;
+        executor.grace_period = Duration::from_millis(args.grace_period_ms);
+        executor.poll_interval = Duration::from_millis(args.poll_interval_ms.max(1));
+        executor.lock_wait = Duration::from_millis(args.lock_wait_ms);
+        executor.recovery_interval = Duration::from_millis(args.recovery_interval_ms.max(100));
+        Ok(Self {
+            database,
+            nats_url: args.nats_url,
+            listen: args.listen,
+            api_token,
+            max_body_bytes: args.max_body_bytes,
+            serve_api,
+            run_executor: !args.api_only,
+            executor,
+            generated_executor_id,
+        })
+    }
+}

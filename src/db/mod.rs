@@ -1,0 +1,184 @@
+//! Everything Spool says to PostgreSQL. One module per table (`runs`, `steps`, `executors`) owns
+//! that table's SQL; no other module writes SQL. Every statement an executor makes for a run after
+//! claiming it is a compare-and-set on (id, claim epoch, status) and is named for it
+//! (`complete_if_owned`); zero rows affected comes back as [`DbError::Lost`], never ignored.
+//!
+//! This module never holds a transaction or a pooled connection across anything but its own
+//! statements.
+
+pub mod executors;
+pub mod runs;
+pub mod steps;
+pub mod tls;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::task::JoinHandle;
+
+pub use tls::PgTarget;
+
+/// Errors from the database layer, classified by SQLSTATE and constraint name.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// A fenced write affected zero rows: the run was re-claimed, released or finished by someone
+    /// else. The caller must stop working on the run.
+    #[error("lost ownership of run {0}")]
+    Lost(String),
+    /// A named CHECK or other constraint refused the row.
+    #[error("constraint {constraint} refused the row: {message}")]
+    Constraint { constraint: String, message: String },
+    #[error("no database connection available: {0}")]
+    Pool(String),
+    #[error("database error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => DbError::from_pg(e),
+            other => DbError::Pool(other.to_string()),
+        }
+    }
+}
+
+impl DbError {
+    /// Classifies a Postgres error: constraint violations keep their constraint name.
+    pub fn from_pg(e: tokio_postgres::Error) -> Self {
+        if let Some(db) = e.as_db_error() {
+            if db.code().code().starts_with("23") {
+                return DbError::Constraint {
+                    constraint: db.constraint().unwrap_or("").to_string(),
+                    message: db.message().to_string(),
+                };
+            }
+        }
+        DbError::Postgres(e)
+    }
+
+    /// True when the error is about reaching the database rather than about the statement.
+    pub fn is_connectivity(&self) -> bool {
+        match self {
+            DbError::Pool(_) => true,
+            DbError::Postgres(e) => pg_is_connectivity(e),
+            _ => false,
+        }
+    }
+}
+
+/// Closed connections, I/O errors, and the SQLSTATEs of a server that is going away or starting.
+fn pg_is_connectivity(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        return code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03");
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Builds the shared connection pool.
+pub fn pool(target: &PgTarget, max_size: usize, application_name: &str) -> Pool {
+    let mut config = target.config.clone();
+    config.application_name(application_name);
+    config.connect_timeout(Duration::from_secs(5));
+    let manager = Manager::from_config(
+        config,
+        target.tls.clone(),
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(max_size)
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .expect("pool config with a runtime is valid")
+}
+
+/// A connection that belongs to one task (listener, executor lock, migrations), never pooled.
+/// The connection's driver task is owned: dropping this aborts it and closes the socket.
+pub struct DedicatedConnection {
+    pub client: tokio_postgres::Client,
+    pub driver: JoinHandle<()>,
+}
+
+impl Drop for DedicatedConnection {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// Opens a dedicated connection whose asynchronous messages (NOTIFY) go to `messages`.
+pub async fn connect_dedicated(
+    target: &PgTarget,
+    application_name: &str,
+    messages: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
+) -> Result<DedicatedConnection, DbError> {
+    use futures::StreamExt;
+    let mut config = target.config.clone();
+    config.application_name(application_name);
+    config.connect_timeout(Duration::from_secs(5));
+    config.keepalives_idle(Duration::from_secs(10));
+    let (client, mut connection) = config
+        .connect(target.tls.clone())
+        .await
+        .map_err(DbError::from_pg)?;
+    let driver = tokio::spawn(async move {
+        let mut stream = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = stream.next().await {
+            match message {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    if let Some(tx) = &messages {
+                        let _ = tx.send(n);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "dedicated connection closed");
+                    break;
+                }
+            }
+        }
+    });
+    Ok(DedicatedConnection { client, driver })
+}
+
+/// A connection statements can run on: a pooled client (statements cached per connection) or a
+/// dedicated one (statements prepared per call).
+pub trait Conn: Sync {
+    fn stmt(
+        &self,
+        sql: &str,
+    ) -> impl std::future::Future<Output = Result<tokio_postgres::Statement, tokio_postgres::Error>> + Send;
+    fn pg(&self) -> &tokio_postgres::Client;
+}
+
+impl Conn for deadpool_postgres::Client {
+    async fn stmt(&self, sql: &str) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        self.prepare_cached(sql).await
+    }
+    fn pg(&self) -> &tokio_postgres::Client {
+        self
+    }
+}
+
+impl Conn for tokio_postgres::Client {
+    async fn stmt(&self, sql: &str) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        self.prepare(sql).await
+    }
+    fn pg(&self) -> &tokio_postgres::Client {
+        self
+    }
+}

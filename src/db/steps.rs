@@ -1,0 +1,118 @@
+//! SQL for `spool.operation_outputs`: the memoized steps of a run.
+//!
+//! A step is recorded only while the recorder still owns the run at its claim epoch: the insert
+//! reads the run row `for share`, so it serializes against a re-claim and a stale writer records
+//! nothing.
+
+use super::Conn;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::DbError;
+
+/// One memoized step.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StepRecord {
+    pub step: i32,
+    pub name: String,
+    pub output: Option<Value>,
+    pub error: Option<Value>,
+    pub claim_epoch: i64,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+}
+
+pub async fn load_steps(client: &impl Conn, run_id: &str) -> Result<Vec<StepRecord>, DbError> {
+    let stmt = client
+        .stmt(
+            "select step, name, output, error, claim_epoch, started_at, finished_at
+               from spool.operation_outputs where run_id = $1 order by step",
+        )
+        .await
+        .map_err(DbError::from_pg)?;
+    let rows = client
+        .pg()
+        .query(&stmt, &[&run_id])
+        .await
+        .map_err(DbError::from_pg)?;
+    Ok(rows
+        .iter()
+        .map(|r| StepRecord {
+            step: r.get(0),
+            name: r.get(1),
+            output: r.get(2),
+            error: r.get(3),
+            claim_epoch: r.get(4),
+            started_at: r.get(5),
+            finished_at: r.get(6),
+        })
+        .collect())
+}
+
+/// What recording a step tells the recorder about its run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepRecorded {
+    /// Someone asked to cancel the run; stop at this step boundary.
+    pub cancel_requested: bool,
+}
+
+/// Records a finished step, fenced by the claim epoch. Exactly one of `output` and `error` is set.
+#[allow(clippy::too_many_arguments)]
+pub async fn record_step_if_owned(
+    client: &impl Conn,
+    run_id: &str,
+    claim_epoch: i64,
+    step: i32,
+    name: &str,
+    output: Option<&Value>,
+    error: Option<&Value>,
+    started_at: DateTime<Utc>,
+) -> Result<StepRecorded, DbError> {
+    let stmt = client
+        .stmt(
+            "with owner as (
+                select r.id, r.cancel_requested from spool.runs r
+                 where r.id = $1 and r.claim_epoch = $2 and r.status = 'running'
+                 for share
+             ), ins as (
+                insert into spool.operation_outputs
+                       (run_id, step, name, output, error, claim_epoch, started_at)
+                select o.id, $3, $4, $5, $6, $2, $7 from owner o
+                on conflict (run_id, step) do nothing
+                returning 1
+             )
+             select o.cancel_requested,
+                    exists (select 1 from ins)
+                    or exists (select 1 from spool.operation_outputs p
+                                where p.run_id = $1 and p.step = $3
+                                  and p.claim_epoch = $2 and p.name = $4)
+               from owner o",
+        )
+        .await
+        .map_err(DbError::from_pg)?;
+    let row = client
+        .pg()
+        .query_opt(
+            &stmt,
+            &[
+                &run_id,
+                &claim_epoch,
+                &step,
+                &name,
+                &output,
+                &error,
+                &started_at,
+            ],
+        )
+        .await
+        .map_err(DbError::from_pg)?;
+    match row {
+        Some(row) if row.get::<_, bool>(1) => Ok(StepRecorded {
+            cancel_requested: row.get(0),
+        }),
+        // Not the owner any more, or the step was already recorded by another attempt (a retry
+        // of our own committed write is recognised above): either way this attempt must stop.
+        _ => Err(DbError::Lost(run_id.to_string())),
+    }
+}

@@ -1,0 +1,94 @@
+//! Counters of one process, rendered as Prometheus text at `/metrics`.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::db::runs::Outcome;
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub claimed: AtomicU64,
+    pub recovered: AtomicU64,
+    pub succeeded: AtomicU64,
+    pub failed: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub dead: AtomicU64,
+    pub lost: AtomicU64,
+    pub released: AtomicU64,
+    pub in_flight: AtomicU64,
+}
+
+impl Metrics {
+    pub fn finished(&self, outcome: Outcome) {
+        let c = match outcome {
+            Outcome::Succeeded => &self.succeeded,
+            Outcome::Failed => &self.failed,
+            Outcome::Cancelled => &self.cancelled,
+            Outcome::Dead => &self.dead,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn lost(&self) {
+        self.lost.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let counters = [
+            (
+                "spool_runs_claimed_total",
+                "Runs claimed from the queue",
+                &self.claimed,
+            ),
+            (
+                "spool_runs_recovered_total",
+                "Owned runs taken back after a restart",
+                &self.recovered,
+            ),
+            (
+                "spool_runs_succeeded_total",
+                "Runs that ended succeeded here",
+                &self.succeeded,
+            ),
+            (
+                "spool_runs_failed_total",
+                "Runs that ended failed here",
+                &self.failed,
+            ),
+            (
+                "spool_runs_cancelled_total",
+                "Runs that ended cancelled here",
+                &self.cancelled,
+            ),
+            (
+                "spool_runs_dead_total",
+                "Runs that ended dead here",
+                &self.dead,
+            ),
+            (
+                "spool_runs_lost_total",
+                "Runs taken over while executing here",
+                &self.lost,
+            ),
+            (
+                "spool_runs_released_total",
+                "Runs handed back to the queue at shutdown",
+                &self.released,
+            ),
+        ];
+        for (name, help, c) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP spool_runs_in_flight Runs executing in this process\n# TYPE spool_runs_in_flight gauge\nspool_runs_in_flight {}",
+            self.in_flight.load(Ordering::Relaxed)
+        );
+        out
+    }
+}

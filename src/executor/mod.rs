@@ -1,0 +1,459 @@
+//! The executor: holds its executor id, claims runs into worker slots, recovers the runs it owns,
+//! and drains on shutdown.
+//!
+//! The control loop is a `tokio::select!` over a closed set of events (shutdown, lock lost, a run
+//! finished, a wake-up, the poll timer, the recovery timer). Claims and recovery happen only in
+//! that loop, one after another, so the set of runs in flight is always known when recovery asks
+//! which owned runs nobody is executing.
+//!
+//! Architecture invariant: the executor never runs workflow code inside the loop and never holds
+//! a pooled connection across an await that is not a database call.
+
+pub mod identity;
+pub mod metrics;
+pub mod runner;
+pub mod wakeup;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::sync::Notify;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::runs::{self, Claimant, Run};
+use crate::db::{DbError, PgTarget};
+use crate::workflow::Registry;
+
+pub use identity::{ExecutorLock, IdentityError};
+pub use metrics::Metrics;
+pub use runner::{discard_chunks, ChunkSinkFactory};
+
+/// Executor settings (the relevant part of [`crate::config::Config`]).
+#[derive(Debug, Clone)]
+pub struct ExecutorSettings {
+    pub executor_id: String,
+    /// Worker slots: runs executing at once.
+    pub concurrency: usize,
+    /// Most runs claimed per statement.
+    pub claim_batch: usize,
+    /// Fallback poll interval (jittered ±50%) when no wake-up arrives.
+    pub poll_interval: Duration,
+    /// How often owned-but-not-executing runs are taken back.
+    pub recovery_interval: Duration,
+    /// How long in-flight runs may keep going after a shutdown signal before they are released.
+    pub grace_period: Duration,
+    /// Queues served; `None` serves all.
+    pub queues: Option<Vec<String>>,
+    /// How long a run's writes keep retrying while the database is unreachable.
+    pub db_patience: Duration,
+    /// How long to wait at start for the executor id to be released by a process that is still
+    /// draining (rolling restart); zero refuses at once.
+    pub lock_wait: Duration,
+}
+
+impl ExecutorSettings {
+    pub fn new(executor_id: impl Into<String>) -> Self {
+        Self {
+            executor_id: executor_id.into(),
+            concurrency: 16,
+            claim_batch: 64,
+            poll_interval: Duration::from_millis(500),
+            recovery_interval: Duration::from_secs(10),
+            grace_period: Duration::from_secs(10),
+            queues: None,
+            db_patience: Duration::from_secs(120),
+            lock_wait: Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// A started executor. Dropping it without [`RunningExecutor::shutdown`] aborts everything, like
+/// a crash.
+pub struct RunningExecutor {
+    pub executor_id: String,
+    pub incarnation: i64,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), ExecutorError>>,
+}
+
+impl RunningExecutor {
+    /// Stops claiming, lets in-flight runs finish within the grace period, releases the rest.
+    pub async fn shutdown(self) -> Result<(), ExecutorError> {
+        self.stop.cancel();
+        self.wait().await
+    }
+
+    /// Waits for the executor to end on its own (fatal error) or after a shutdown.
+    pub async fn wait(mut self) -> Result<(), ExecutorError> {
+        match (&mut self.task).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Ok(()),
+        }
+    }
+
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Simulates a crash: aborts every task of the executor and closes its connections without
+    /// releasing anything.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for RunningExecutor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Takes the executor id (refusing when another live process holds it), registers a new
+/// incarnation and starts the claim loop.
+pub async fn start(
+    settings: ExecutorSettings,
+    target: PgTarget,
+    pool: Pool,
+    registry: Registry,
+    chunks: ChunkSinkFactory,
+    metrics: Arc<Metrics>,
+) -> Result<RunningExecutor, ExecutorError> {
+    let workflows = registry.names();
+    let give_up = Instant::now() + settings.lock_wait;
+    let lock = loop {
+        match ExecutorLock::acquire(
+            &target,
+            &settings.executor_id,
+            &workflows,
+            settings.queues.as_deref(),
+        )
+        .await
+        {
+            Err(IdentityError::InUse(_)) if Instant::now() < give_up => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => break other?,
+        }
+    };
+    let incarnation = lock.incarnation;
+    tracing::info!(executor = %settings.executor_id, incarnation, "executor id acquired");
+    let stop = CancellationToken::new();
+    let deps = Arc::new(runner::RunnerDeps {
+        pool: pool.clone(),
+        registry,
+        chunks,
+        metrics,
+        executor_id: settings.executor_id.clone(),
+        db_patience: settings.db_patience,
+    });
+    let control = ControlLoop {
+        settings: settings.clone(),
+        target,
+        pool,
+        workflows,
+        lock,
+        deps,
+        tasks: JoinSet::new(),
+        in_flight: HashMap::new(),
+        wake: Arc::new(Notify::new()),
+    };
+    let task = tokio::spawn(control.run(stop.clone()));
+    Ok(RunningExecutor {
+        executor_id: settings.executor_id,
+        incarnation,
+        stop,
+        task,
+    })
+}
+
+struct ControlLoop {
+    settings: ExecutorSettings,
+    target: PgTarget,
+    pool: Pool,
+    workflows: Vec<String>,
+    lock: ExecutorLock,
+    deps: Arc<runner::RunnerDeps>,
+    /// One task per run in flight; aborting the loop aborts them all.
+    tasks: JoinSet<String>,
+    /// Run id → (claim epoch, task) for every run this process is executing.
+    in_flight: HashMap<String, (i64, AbortHandle)>,
+    wake: Arc<Notify>,
+}
+
+impl ControlLoop {
+    async fn run(mut self, stop: CancellationToken) -> Result<(), ExecutorError> {
+        let listener_stop = stop.child_token();
+        let _listener = AbortOnDrop(tokio::spawn(wakeup::listen(
+            self.target.clone(),
+            self.settings.executor_id.clone(),
+            self.wake.clone(),
+            listener_stop.clone(),
+        )));
+        let mut next_poll = Instant::now();
+        let mut next_recovery = Instant::now();
+        let mut next_heartbeat = Instant::now() + Duration::from_secs(5);
+        // After a wake-up, one more claim a little later: the rate-limited trigger may have
+        // skipped an insert that committed just after the one that notified.
+        let mut catch_up: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            if now >= next_recovery {
+                self.recover().await;
+                next_recovery = Instant::now() + self.settings.recovery_interval;
+            }
+            if now >= next_heartbeat {
+                if let Ok(false) = self.lock.heartbeat().await {
+                    return Err(IdentityError::Superseded(self.settings.executor_id.clone()).into());
+                }
+                next_heartbeat = Instant::now() + Duration::from_secs(5);
+            }
+            self.fill_slots().await;
+            let wake_at = [
+                Some(next_poll),
+                Some(next_recovery),
+                Some(next_heartbeat),
+                catch_up,
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("at least one timer");
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = self.lock.lost() => {
+                    tracing::warn!("executor lock connection lost; reacquiring");
+                    if !self.reacquire(&stop).await? {
+                        break;
+                    }
+                }
+                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    self.reap(done);
+                }
+                _ = self.wake.notified() => {
+                    catch_up = Some(Instant::now() + Duration::from_millis(10));
+                }
+                _ = tokio::time::sleep_until(wake_at) => {
+                    if catch_up.is_some_and(|t| t <= Instant::now()) {
+                        catch_up = None;
+                    }
+                    if next_poll <= Instant::now() {
+                        next_poll = Instant::now() + jittered(self.settings.poll_interval);
+                    }
+                }
+            }
+        }
+        listener_stop.cancel();
+        self.drain().await;
+        Ok(())
+    }
+
+    /// Claims as many runs as there are free slots, in batches.
+    async fn fill_slots(&mut self) {
+        loop {
+            let free = self
+                .settings
+                .concurrency
+                .saturating_sub(self.in_flight.len());
+            if free == 0 {
+                return;
+            }
+            let want = free.min(self.settings.claim_batch);
+            let claimed = async {
+                let client = self.pool.get().await?;
+                let who = Claimant {
+                    executor_id: &self.settings.executor_id,
+                    incarnation: self.lock.incarnation,
+                    workflows: &self.workflows,
+                    queues: self.settings.queues.as_deref(),
+                };
+                runs::claim(&client, &who, want as i64).await
+            }
+            .await;
+            match claimed {
+                Ok(runs) => {
+                    let got = runs.len();
+                    self.deps
+                        .metrics
+                        .claimed
+                        .fetch_add(got as u64, Ordering::Relaxed);
+                    for run in runs {
+                        self.spawn(run);
+                    }
+                    if got < want {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "claim failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes back owned runs that no task here is executing.
+    async fn recover(&mut self) {
+        let in_flight: Vec<String> = self.in_flight.keys().cloned().collect();
+        let recovered = async {
+            let client = self.pool.get().await?;
+            runs::reclaim_owned(
+                &client,
+                &self.settings.executor_id,
+                self.lock.incarnation,
+                &in_flight,
+            )
+            .await
+        }
+        .await;
+        match recovered {
+            Ok(runs) => {
+                if !runs.is_empty() {
+                    tracing::info!(count = runs.len(), "recovered owned runs; replaying them");
+                }
+                self.deps
+                    .metrics
+                    .recovered
+                    .fetch_add(runs.len() as u64, Ordering::Relaxed);
+                for run in runs {
+                    self.spawn(run);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "recovery failed; will retry"),
+        }
+    }
+
+    fn spawn(&mut self, run: Run) {
+        let id = run.id.clone();
+        let epoch = run.claim_epoch;
+        let deps = self.deps.clone();
+        let task_id = id.clone();
+        let handle = self.tasks.spawn(async move {
+            runner::execute(run, deps).await;
+            task_id
+        });
+        self.in_flight.insert(id, (epoch, handle));
+        self.deps
+            .metrics
+            .in_flight
+            .store(self.in_flight.len() as u64, Ordering::Relaxed);
+    }
+
+    fn reap(&mut self, done: Result<String, tokio::task::JoinError>) {
+        match done {
+            Ok(id) => {
+                self.in_flight.remove(&id);
+            }
+            Err(e) => {
+                // runner::execute catches workflow panics; an aborted or panicked task is
+                // removed by its task id.
+                let tid = e.id();
+                self.in_flight.retain(|_, (_, h)| h.id() != tid);
+            }
+        }
+        self.deps
+            .metrics
+            .in_flight
+            .store(self.in_flight.len() as u64, Ordering::Relaxed);
+    }
+
+    /// The lock connection closed. Retries until the id is held again (`Ok(true)`), shutdown
+    /// (`Ok(false)`), or another process turns out to hold it (error: this process must stop).
+    async fn reacquire(&mut self, stop: &CancellationToken) -> Result<bool, ExecutorError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let attempt = self.lock.reacquire(
+                &self.target,
+                &self.workflows,
+                self.settings.queues.as_deref(),
+            );
+            let result = tokio::select! {
+                _ = stop.cancelled() => return Ok(false),
+                r = attempt => r,
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!("executor lock reacquired");
+                    return Ok(true);
+                }
+                Err(IdentityError::Db(e)) => {
+                    tracing::warn!(error = %e, "cannot reacquire the executor lock yet");
+                }
+                Err(fatal) => {
+                    self.tasks.abort_all();
+                    return Err(fatal.into());
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Graceful shutdown: no more claims; in-flight runs get the grace period; the rest are
+    /// aborted and released to the queue so any executor continues them at once.
+    async fn drain(&mut self) {
+        let deadline = Instant::now() + self.settings.grace_period;
+        tracing::info!(in_flight = self.in_flight.len(), "draining");
+        while !self.tasks.is_empty() {
+            tokio::select! {
+                Some(done) = self.tasks.join_next() => self.reap(done),
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        self.tasks.abort_all();
+        while let Some(done) = self.tasks.join_next().await {
+            if let Ok(id) = done {
+                // finished between the deadline and the abort
+                self.in_flight.remove(&id);
+            }
+        }
+        for (id, (epoch, _)) in std::mem::take(&mut self.in_flight) {
+            let released = async {
+                let client = self.pool.get().await?;
+                runs::release_if_owned(&client, &id, epoch).await
+            }
+            .await;
+            match released {
+                Ok(()) => {
+                    self.deps.metrics.released.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(run = %id, "released to the queue");
+                }
+                Err(e) => {
+                    tracing::warn!(run = %id, error = %e, "cannot release; it stays owned and is recovered when this executor id restarts")
+                }
+            }
+        }
+        if let Err(e) = self.lock.mark_stopped().await {
+            tracing::warn!(error = %e, "cannot mark the executor stopped");
+        }
+    }
+}
+
+fn jittered(base: Duration) -> Duration {
+    base.mul_f64(0.5 + rand::random::<f64>())
+}
+
+/// Aborts a spawned task when dropped, so no task outlives its owner.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

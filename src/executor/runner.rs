@@ -1,0 +1,173 @@
+//! Executes one claimed run: checks the attempt limit and cancellation, loads its memoized
+//! steps, runs the workflow and records the run's one terminal transition.
+//!
+//! Architecture invariant: no pooled connection, transaction or row lock is held while workflow
+//! code runs; each database call takes a connection for that call only.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use futures::FutureExt;
+use serde_json::{json, Value};
+
+use crate::db::runs::{self, Outcome, Run};
+use crate::db::{self, DbError};
+use crate::workflow::with_db_patience;
+use crate::workflow::{ChunkSink, DiscardChunks, Registry, RunContext, RunIdentity, WorkflowError};
+
+use super::metrics::Metrics;
+
+/// Makes the chunk sink of one run attempt.
+pub type ChunkSinkFactory = Arc<dyn Fn(&RunIdentity) -> Arc<dyn ChunkSink> + Send + Sync>;
+
+pub fn discard_chunks() -> ChunkSinkFactory {
+    Arc::new(|_| Arc::new(DiscardChunks))
+}
+
+/// What every run task shares.
+pub struct RunnerDeps {
+    pub pool: Pool,
+    pub registry: Registry,
+    pub chunks: ChunkSinkFactory,
+    pub metrics: Arc<Metrics>,
+    pub executor_id: String,
+    /// How long terminal writes keep retrying while the database is unreachable.
+    pub db_patience: Duration,
+}
+
+/// Runs `run` to its end (or until it is lost). Never panics: a panicking workflow fails the run.
+pub async fn execute(run: Run, deps: Arc<RunnerDeps>) {
+    let id = run.id.clone();
+    let epoch = run.claim_epoch;
+    let (outcome, output, error) = match decide(run, &deps).await {
+        Some(end) => end,
+        None => return,
+    };
+    let finish = with_db_patience(deps.db_patience, || async {
+        let client = deps.pool.get().await?;
+        runs::finish_if_owned(
+            &client,
+            &id,
+            epoch,
+            outcome,
+            output.as_ref(),
+            error.as_ref(),
+        )
+        .await
+    })
+    .await;
+    match finish {
+        Ok(()) => {
+            deps.metrics.finished(outcome);
+            tracing::info!(run = %id, status = outcome.as_str(), "run finished");
+        }
+        Err(DbError::Lost(_)) => {
+            deps.metrics.lost();
+            tracing::warn!(run = %id, "run was taken over before it could finish here; dropped")
+        }
+        Err(e) => {
+            tracing::warn!(run = %id, error = %e, "cannot record the end of the run; it stays owned and is recovered later")
+        }
+    }
+}
+
+type End = (Outcome, Option<Value>, Option<Value>);
+
+/// Runs the workflow and decides the terminal transition, or `None` when there is nothing to
+/// record (the run was lost, or the database is unreachable and recovery will retry).
+async fn decide(run: Run, deps: &RunnerDeps) -> Option<End> {
+    if run.attempt > run.max_attempts {
+        let message = format!(
+            "gave up after {} attempts (max_attempts {}): the run was claimed {} times without finishing, which usually means it crashed or stranded its executor each time",
+            run.attempt - 1,
+            run.max_attempts,
+            run.attempt - 1
+        );
+        return Some((
+            Outcome::Dead,
+            None,
+            Some(json!({"code": "attempts_exhausted", "message": message})),
+        ));
+    }
+    if run.cancel_requested {
+        return Some(cancelled());
+    }
+    let Some(workflow) = deps.registry.get(&run.workflow).cloned() else {
+        // The claim only takes workflows this executor registered; this is a safety net.
+        let message = format!(
+            "no workflow named {:?} is registered on executor {}",
+            run.workflow, deps.executor_id
+        );
+        return Some((
+            Outcome::Failed,
+            None,
+            Some(json!({"code": "unknown_workflow", "message": message})),
+        ));
+    };
+    let memo = with_db_patience(deps.db_patience, || async {
+        let client = deps.pool.get().await?;
+        db::steps::load_steps(&client, &run.id).await
+    })
+    .await;
+    let memo = match memo {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(run = %run.id, error = %e, "cannot load memoized steps; the run is recovered later");
+            return None;
+        }
+    };
+    let identity = RunIdentity {
+        run_id: run.id.clone(),
+        claim_epoch: run.claim_epoch,
+        attempt: run.attempt,
+    };
+    let sink = (deps.chunks)(&identity);
+    let ctx = RunContext::new(
+        identity,
+        deps.pool.clone(),
+        memo,
+        run.cancel_requested,
+        sink,
+    );
+    let result = AssertUnwindSafe(workflow(ctx, run.input))
+        .catch_unwind()
+        .await;
+    match result {
+        Ok(Ok(output)) => Some((Outcome::Succeeded, Some(output), None)),
+        Ok(Err(WorkflowError::Cancelled)) => Some(cancelled()),
+        Ok(Err(WorkflowError::Lost)) => {
+            deps.metrics.lost();
+            tracing::warn!(run = %run.id, "run was taken over; this attempt stops");
+            None
+        }
+        Ok(Err(WorkflowError::Database(e))) => {
+            tracing::warn!(run = %run.id, error = %e, "database unreachable; the run is recovered later");
+            None
+        }
+        Ok(Err(e)) => Some((Outcome::Failed, None, Some(e.to_json()))),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".to_string());
+            Some((
+                Outcome::Failed,
+                None,
+                Some(
+                    json!({"code": "panicked", "message": format!("workflow panicked: {message}")}),
+                ),
+            ))
+        }
+    }
+}
+
+fn cancelled() -> End {
+    (
+        Outcome::Cancelled,
+        None,
+        Some(json!({"code": "cancelled", "message": "cancelled at a step boundary"})),
+    )
+}

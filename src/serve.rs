@@ -1,0 +1,144 @@
+//! `spool serve`: migrate, then run the executor and the HTTP API in one process until SIGTERM or
+//! SIGINT, then drain. Shutdown is explicit plumbing: one cancellation token reaches the executor
+//! and the HTTP server.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::executor::{self, ChunkSinkFactory, ExecutorError, Metrics};
+use crate::migrate::{self, MigrateError};
+use crate::workflow::Registry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot migrate the database: {0}")]
+    Migrate(#[from] MigrateError),
+    #[error(transparent)]
+    Executor(#[from] ExecutorError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+/// Runs until a shutdown signal (or `stop`), then drains and returns.
+pub async fn serve(
+    config: Config,
+    registry: Registry,
+    chunks: ChunkSinkFactory,
+    stop: CancellationToken,
+) -> Result<(), ServeError> {
+    if config.generated_executor_id {
+        tracing::warn!(
+            executor = %config.executor.executor_id,
+            "no SPOOL_EXECUTOR_ID or POD_NAME: using a generated id; runs this process owns when it dies are only recovered by a process with the same id"
+        );
+    }
+    let applied = migrate::migrate(&config.database).await?;
+    if !applied.is_empty() {
+        tracing::info!(?applied, "migrations applied");
+    }
+    let pool = crate::db::pool(
+        &config.database,
+        config.executor.concurrency + 8,
+        &format!("spool:{}", config.executor.executor_id),
+    );
+    let metrics = Arc::new(Metrics::default());
+
+    let executor = if config.run_executor {
+        Some(
+            executor::start(
+                config.executor.clone(),
+                config.database.clone(),
+                pool.clone(),
+                registry.clone(),
+                chunks,
+                metrics.clone(),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+
+    let http = if config.serve_api {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServeError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(ServeError::Http)?;
+        tracing::info!(%addr, "HTTP API listening");
+        let state = AppState {
+            pool: pool.clone(),
+            registry,
+            api_token: config.api_token.as_deref().map(Arc::from),
+            metrics,
+            max_body_bytes: config.max_body_bytes,
+        };
+        let app = api::router(state);
+        let http_stop = stop.clone();
+        Some(tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { http_stop.cancelled().await })
+                .await
+        }))
+    } else {
+        None
+    };
+
+    let signals = tokio::spawn(wait_for_signal(stop.clone()));
+    let result = match executor {
+        Some(executor) => {
+            let exec_stop = executor.stop_token();
+            let relay = stop.clone();
+            let relay_task = tokio::spawn(async move {
+                relay.cancelled().await;
+                exec_stop.cancel();
+            });
+            let r = executor.wait().await;
+            relay_task.abort();
+            // the executor ended (drained, or fatally): stop the API too
+            stop.cancel();
+            r.map_err(ServeError::from)
+        }
+        None => {
+            stop.cancelled().await;
+            Ok(())
+        }
+    };
+    signals.abort();
+    if let Some(http) = http {
+        match http.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "HTTP server task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+    pool.close();
+    result
+}
+
+async fn wait_for_signal(stop: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+        _ = stop.cancelled() => {}
+    }
+    stop.cancel();
+}

@@ -1,0 +1,163 @@
+//! The workflow API: register Rust workflows by name; each gets a [`RunContext`] whose
+//! [`RunContext::step`] memoizes outputs in `spool.operation_outputs`.
+//!
+//! This module owns the rules of replay (a memoized step returns its recorded output or error
+//! without running; a different name at the same number is a non-determinism error). It never
+//! touches a run's status: the executor does that with the result a workflow returns.
+
+mod builtin;
+mod context;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+pub use builtin::{TickerInput, NOOP, TICKER};
+pub(crate) use context::with_db_patience;
+pub use context::{ChunkSink, DiscardChunks, RetryPolicy, RunContext, RunIdentity, StepInfo};
+
+use crate::db::DbError;
+
+/// A step's failure, as the step's closure reports it.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StepError {
+    /// Worth trying again (a timeout, a 503): retried with backoff up to the step's retry policy.
+    #[error("{0}")]
+    Retryable(String),
+    /// Trying again cannot help: recorded as the step's error, and the run fails.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl StepError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self::Retryable(message.into())
+    }
+    pub fn fatal(message: impl Into<String>) -> Self {
+        Self::Fatal(message.into())
+    }
+}
+
+/// Why a workflow stopped without an output.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkflowError {
+    #[error("step {step} ({name}) failed: {message}")]
+    StepFailed {
+        step: i32,
+        name: String,
+        message: String,
+    },
+    #[error("non-determinism at step {step}: the run recorded step {recorded:?} but the workflow now asks for {requested:?}")]
+    NonDeterminism {
+        step: i32,
+        recorded: String,
+        requested: String,
+    },
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("cancelled")]
+    Cancelled,
+    /// The claim was superseded (re-claimed, released or finished elsewhere): stop quietly.
+    #[error("lost ownership of the run")]
+    Lost,
+    /// The database could not be reached to record progress; the run stays owned and is
+    /// recovered later.
+    #[error("database unavailable: {0}")]
+    Database(DbError),
+    #[error("cannot encode step output: {0}")]
+    Encode(String),
+}
+
+impl WorkflowError {
+    pub fn failed(message: impl Into<String>) -> Self {
+        Self::Failed(message.into())
+    }
+
+    /// The `error` column value for a run that ended with this error.
+    pub fn to_json(&self) -> Value {
+        let code = match self {
+            Self::StepFailed { .. } => "step_failed",
+            Self::NonDeterminism { .. } => "non_determinism",
+            Self::InvalidInput(_) => "invalid_input",
+            Self::Failed(_) => "workflow_failed",
+            Self::Cancelled => "cancelled",
+            Self::Lost => "lost",
+            Self::Database(_) => "database_unavailable",
+            Self::Encode(_) => "encode_failed",
+        };
+        json!({"code": code, "message": self.to_string()})
+    }
+}
+
+impl From<DbError> for WorkflowError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Lost(_) => WorkflowError::Lost,
+            other => WorkflowError::Database(other),
+        }
+    }
+}
+
+/// A registered workflow: takes the run's context and raw JSON input.
+pub type WorkflowFn = Arc<
+    dyn Fn(RunContext, Value) -> BoxFuture<'static, Result<Value, WorkflowError>> + Send + Sync,
+>;
+
+/// Workflows by name. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Registry {
+    workflows: BTreeMap<String, WorkflowFn>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A registry with the built-in `noop` and `ticker`.
+    pub fn with_builtins() -> Self {
+        let mut r = Self::new();
+        builtin::register(&mut r);
+        r
+    }
+
+    /// Registers `f` under `name`. The input is decoded into `I` first; input that does not
+    /// decode fails the run with `invalid_input` without running anything.
+    pub fn register<I, O, F, Fut>(&mut self, name: &str, f: F) -> &mut Self
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(RunContext, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, WorkflowError>> + Send + 'static,
+    {
+        let f = Arc::new(f);
+        let wrapped: WorkflowFn = Arc::new(move |ctx, input| {
+            let f = f.clone();
+            Box::pin(async move {
+                let input: I = serde_json::from_value(input)
+                    .map_err(|e| WorkflowError::InvalidInput(e.to_string()))?;
+                let output = f(ctx, input).await?;
+                serde_json::to_value(output).map_err(|e| WorkflowError::Encode(e.to_string()))
+            })
+        });
+        self.workflows.insert(name.to_string(), wrapped);
+        self
+    }
+
+    pub fn get(&self, name: &str) -> Option<&WorkflowFn> {
+        self.workflows.get(name)
+    }
+
+    /// Registered names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.workflows.keys().cloned().collect()
+    }
+}

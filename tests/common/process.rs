@@ -1,0 +1,155 @@
+//! Real `spool serve` processes for process-level tests: started with their own executor id and
+//! port, stopped with real signals.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::{wait_until, TestDb};
+
+/// Which binary to run.
+#[derive(Debug, Clone, Copy)]
+pub enum Binary {
+    /// `spool` itself.
+    Spool,
+    /// `examples/server.rs`: spool plus the `order` and `abort` workflows.
+    ExampleServer,
+}
+
+impl Binary {
+    fn path(self) -> PathBuf {
+        let spool = PathBuf::from(env!("CARGO_BIN_EXE_spool"));
+        match self {
+            Binary::Spool => spool,
+            Binary::ExampleServer => {
+                let p = spool.parent().unwrap().join("examples").join("server");
+                assert!(
+                    p.exists(),
+                    "{} is missing: `just test` builds the examples first",
+                    p.display()
+                );
+                p
+            }
+        }
+    }
+}
+
+pub struct SpoolProcess {
+    pub executor_id: String,
+    pub port: u16,
+    pub log: PathBuf,
+    child: Child,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl SpoolProcess {
+    /// Starts `serve` and waits until its executor holds its id.
+    pub async fn start(bin: Binary, db: &TestDb, executor_id: &str, env: &[(&str, &str)]) -> Self {
+        let p = Self::spawn(bin, db, executor_id, env);
+        p.wait_alive(db).await;
+        p
+    }
+
+    /// Starts `serve` without waiting.
+    pub fn spawn(bin: Binary, db: &TestDb, executor_id: &str, env: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(&db.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join(format!("{executor_id}-{port}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(bin.path());
+        cmd.arg("serve")
+            .env("DATABASE_URL", &db.url)
+            .env("SPOOL_EXECUTOR_ID", executor_id)
+            .env("SPOOL_LISTEN", format!("127.0.0.1:{port}"))
+            .env("SPOOL_POLL_INTERVAL_MS", "100")
+            .env("SPOOL_RECOVERY_INTERVAL_MS", "500")
+            .env("RUST_LOG", "info")
+            .env_remove("SPOOL_API_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn spool");
+        Self {
+            executor_id: executor_id.to_string(),
+            port,
+            log,
+            child,
+        }
+    }
+
+    /// Waits until this process's executor is alive (holds its lock) in the database.
+    pub async fn wait_alive(&self, db: &TestDb) {
+        let pid = self.child.id();
+        wait_until(
+            &format!("executor {} (pid {pid}) to come up", self.executor_id),
+            Duration::from_secs(30),
+            || async {
+                let row = db
+                    .client()
+                    .await
+                    .query_opt(
+                        "select 1 from spool.executor_liveness l
+                      where l.id = $1 and l.alive",
+                        &[&self.executor_id],
+                    )
+                    .await
+                    .ok()
+                    .flatten();
+                row.map(|_| ())
+            },
+        )
+        .await;
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), sig).expect("signal");
+    }
+
+    /// Waits for the process to exit (polling with a deadline).
+    pub async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let child = &mut self.child;
+        let end = tokio::time::Instant::now() + deadline;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if tokio::time::Instant::now() > end {
+                panic!("process did not exit within {deadline:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a deadline wait
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+}
+
+impl Drop for SpoolProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,111 @@
+use chrono::Utc;
+use serde_json::json;
+use spool::db::runs::{self, Claimant, Outcome};
+use spool::db::{steps, DbError};
+
+use crate::common::TestDb;
+
+#[tokio::test]
+async fn a_stale_claim_epoch_can_neither_record_a_step_nor_complete_the_run() {
+    let db = TestDb::new().await;
+    db.exec(
+        "insert into spool.executors (id, workflows) values ('e', '{noop}');
+         insert into spool.runs (id, workflow) values ('r1', 'noop');",
+    )
+    .await;
+    let client = db.client().await;
+    let workflows = vec!["noop".to_string()];
+    let who = Claimant {
+        executor_id: "e",
+        incarnation: 1,
+        workflows: &workflows,
+        queues: None,
+    };
+    let first = runs::claim(&client, &who, 1).await.unwrap().remove(0);
+    assert_eq!(first.claim_epoch, 1);
+
+    // The executor restarts (new incarnation) and takes the run back: epoch 2.
+    db.exec("update spool.executors set incarnation = 2 where id = 'e'")
+        .await;
+    let retaken = runs::reclaim_owned(&client, "e", 2, &[]).await.unwrap();
+    assert_eq!(retaken.len(), 1);
+    assert_eq!(retaken[0].claim_epoch, 2);
+    assert_eq!(retaken[0].attempt, 2);
+
+    // The zombie of epoch 1 tries to write.
+    let stale_step =
+        steps::record_step_if_owned(&client, "r1", 1, 1, "s", Some(&json!(1)), None, Utc::now())
+            .await;
+    assert!(
+        matches!(stale_step, Err(DbError::Lost(_))),
+        "{stale_step:?}"
+    );
+    let stale_finish = runs::finish_if_owned(
+        &client,
+        "r1",
+        1,
+        Outcome::Succeeded,
+        Some(&json!("zombie")),
+        None,
+    )
+    .await;
+    assert!(
+        matches!(stale_finish, Err(DbError::Lost(_))),
+        "{stale_finish:?}"
+    );
+    let stale_release = runs::release_if_owned(&client, "r1", 1).await;
+    assert!(matches!(stale_release, Err(DbError::Lost(_))));
+    assert_eq!(
+        db.scalar_i64("select count(*) from spool.operation_outputs")
+            .await,
+        0
+    );
+    assert_eq!(db.status("r1").await, "running");
+
+    // The current owner's writes go through, exactly once.
+    steps::record_step_if_owned(&client, "r1", 2, 1, "s", Some(&json!(1)), None, Utc::now())
+        .await
+        .unwrap();
+    runs::finish_if_owned(
+        &client,
+        "r1",
+        2,
+        Outcome::Succeeded,
+        Some(&json!("ok")),
+        None,
+    )
+    .await
+    .unwrap();
+    let again =
+        runs::finish_if_owned(&client, "r1", 2, Outcome::Failed, None, Some(&json!({}))).await;
+    assert!(
+        matches!(again, Err(DbError::Lost(_))),
+        "one terminal transition only"
+    );
+    let run = runs::get_run(&client, "r1").await.unwrap().unwrap();
+    assert_eq!(run.status, "succeeded");
+    assert_eq!(run.output, Some(json!("ok")));
+}
+
+#[tokio::test]
+async fn a_superseded_incarnation_cannot_recover_runs() {
+    let db = TestDb::new().await;
+    db.exec(
+        "insert into spool.executors (id, workflows, incarnation) values ('e', '{noop}', 3);
+         insert into spool.runs (id, workflow, status, executor_id, incarnation, claim_epoch, attempt)
+              values ('r1', 'noop', 'running', 'e', 2, 1, 1);",
+    )
+    .await;
+    let client = db.client().await;
+    assert!(runs::reclaim_owned(&client, "e", 2, &[])
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        runs::reclaim_owned(&client, "e", 3, &[])
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}

@@ -1,0 +1,11 @@
+//! In-process tests against a real PostgreSQL: each test clones its own database.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod api;
+mod claim;
+mod fencing;
+mod per_key;
+mod replay;
+mod schema;
