@@ -6,8 +6,9 @@ default:
     @just --list
 
 # Run the whole test suite against a private PostgreSQL it starts (and removes) itself
+[positional-arguments]
 test *args:
-    scripts/test.sh {{args}}
+    scripts/test.sh "$@"
 
 # Start Postgres and two executors, enqueue ticker runs, kill one executor mid-run, watch recovery
 demo:

@@ -138,6 +138,11 @@ impl SpoolProcess {
         }
     }
 
+    /// True once the process has exited (without waiting).
+    pub fn try_exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
