@@ -12,7 +12,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ServeArgs};
 use crate::db::runs::{self, NewRun, RunFilter};
 use crate::db::{self, steps, PgTarget};
-use crate::executor;
 use crate::workflow::Registry;
 
 #[derive(Debug, Parser)]
@@ -122,13 +121,7 @@ async fn run(cli: Cli, registry: Registry) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let config = Config::from_args(args)?;
-            crate::serve::serve(
-                config,
-                registry,
-                executor::discard_chunks(),
-                CancellationToken::new(),
-            )
-            .await?;
+            crate::serve::serve(config, registry, CancellationToken::new()).await?;
         }
         Command::Migrate(db) => {
             let target = PgTarget::parse(&db.database_url)?;

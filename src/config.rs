@@ -9,6 +9,7 @@ use clap::Args;
 
 use crate::db::PgTarget;
 use crate::executor::ExecutorSettings;
+use crate::live::LiveSettings;
 
 /// Flags of `spool serve`; each also reads the environment variable named.
 #[derive(Debug, Clone, Args)]
@@ -20,6 +21,32 @@ pub struct ServeArgs {
     /// NATS server for live output (optional; without it chunks are not published).
     #[arg(long, env = "NATS_URL")]
     pub nats_url: Option<String>,
+    /// JetStream stream holding live output.
+    #[arg(long, env = "SPOOL_NATS_STREAM", default_value = "SPOOL_OUTPUT")]
+    pub nats_stream: String,
+    /// Subject prefix of live output; a run's subject is `{prefix}.{run_id}`.
+    #[arg(
+        long,
+        env = "SPOOL_NATS_SUBJECT_PREFIX",
+        default_value = "spool.output"
+    )]
+    pub nats_subject_prefix: String,
+    /// How long live output is kept in JetStream, in seconds.
+    #[arg(long, env = "SPOOL_CHUNK_MAX_AGE_SECS", default_value_t = 86_400)]
+    pub chunk_max_age_secs: u64,
+    /// Most clients attached to live output at once (429 past it).
+    #[arg(long, env = "SPOOL_MAX_ATTACHERS", default_value_t = 10_000)]
+    pub max_attachers: usize,
+    /// Most clients attached to one run at once (429 past it).
+    #[arg(long, env = "SPOOL_MAX_ATTACHERS_PER_RUN", default_value_t = 1_000)]
+    pub max_attachers_per_run: usize,
+    /// A client whose connection accepts no data for this long is cut (it resumes with
+    /// Last-Event-ID), in milliseconds.
+    #[arg(long, env = "SPOOL_SLOW_CLIENT_TIMEOUT_MS", default_value_t = 10_000)]
+    pub slow_client_timeout_ms: u64,
+    /// Keep-alive comment interval on idle attach streams, in milliseconds.
+    #[arg(long, env = "SPOOL_KEEPALIVE_MS", default_value_t = 15_000)]
+    pub keepalive_ms: u64,
     /// Stable executor id (like a StatefulSet pod name). Falls back to POD_NAME.
     #[arg(long, env = "SPOOL_EXECUTOR_ID")]
     pub executor_id: Option<String>,
@@ -86,7 +113,12 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub database: PgTarget,
-    pub nats_url: Option<String>,
+    /// Live output; `None` without NATS_URL (chunks go nowhere, attach answers 503).
+    pub live: Option<LiveSettings>,
+    pub max_attachers: usize,
+    pub max_attachers_per_run: usize,
+    pub slow_client_timeout: Duration,
+    pub keep_alive: Duration,
     pub listen: SocketAddr,
     pub api_token: Option<String>,
     pub max_body_bytes: usize,
@@ -136,9 +168,20 @@ impl Config {
         executor.poll_interval = Duration::from_millis(args.poll_interval_ms.max(1));
         executor.lock_wait = Duration::from_millis(args.lock_wait_ms);
         executor.recovery_interval = Duration::from_millis(args.recovery_interval_ms.max(100));
+        let live = args.nats_url.filter(|u| !u.is_empty()).map(|url| {
+            let mut l = LiveSettings::new(url);
+            l.stream = args.nats_stream;
+            l.subject_prefix = args.nats_subject_prefix;
+            l.max_age = Duration::from_secs(args.chunk_max_age_secs.max(1));
+            l
+        });
         Ok(Self {
             database,
-            nats_url: args.nats_url,
+            live,
+            max_attachers: args.max_attachers,
+            max_attachers_per_run: args.max_attachers_per_run,
+            slow_client_timeout: Duration::from_millis(args.slow_client_timeout_ms.max(1)),
+            keep_alive: Duration::from_millis(args.keepalive_ms.max(100)),
             listen: args.listen,
             api_token,
             max_body_bytes: args.max_body_bytes,

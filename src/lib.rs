@@ -12,7 +12,8 @@
 //! - [`workflow`]: the library API — [`workflow::Registry`], [`workflow::RunContext::step`],
 //!   built-in `noop` and `ticker`.
 //! - [`executor`]: executor identity, the claim loop, recovery, shutdown.
-//! - [`api`]: the HTTP API.
+//! - [`live`]: live output — the JetStream chunk publisher and the attach protocol.
+//! - [`api`]: the HTTP API, including the SSE attach endpoint.
 //! - [`serve`]: wires the above into `spool serve`.
 //! - [`cli`]: the `spool` command line.
 
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod executor;
+pub mod live;
 pub mod migrate;
 pub mod serve;
 pub mod validate;

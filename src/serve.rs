@@ -6,9 +6,11 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, AppState};
+use crate::api::slow_clients::DeadlineListener;
+use crate::api::{self, AppState, AttachLimits};
 use crate::config::Config;
 use crate::executor::{self, ChunkSinkFactory, ExecutorError, Metrics};
+use crate::live::{publisher, LiveError, LiveOutput};
 use crate::migrate::{self, MigrateError};
 use crate::workflow::Registry;
 
@@ -25,13 +27,14 @@ pub enum ServeError {
     },
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
+    #[error(transparent)]
+    Live(#[from] LiveError),
 }
 
 /// Runs until a shutdown signal (or `stop`), then drains and returns.
 pub async fn serve(
     config: Config,
     registry: Registry,
-    chunks: ChunkSinkFactory,
     stop: CancellationToken,
 ) -> Result<(), ServeError> {
     if config.generated_executor_id {
@@ -50,6 +53,19 @@ pub async fn serve(
         &format!("spool:{}", config.executor.executor_id),
     );
     let metrics = Arc::new(Metrics::default());
+    let live = match &config.live {
+        Some(settings) => Some(LiveOutput::connect(settings.clone(), stop.clone()).await?),
+        None => {
+            tracing::info!(
+                "no NATS_URL: live output is off (runs still execute; attach answers 503)"
+            );
+            None
+        }
+    };
+    let chunks: ChunkSinkFactory = match &live {
+        Some(live) => publisher::factory(live.clone()),
+        None => executor::discard_chunks(),
+    };
 
     let executor = if config.run_executor {
         Some(
@@ -80,10 +96,17 @@ pub async fn serve(
             pool: pool.clone(),
             registry,
             api_token: config.api_token.as_deref().map(Arc::from),
-            metrics,
+            metrics: metrics.clone(),
             max_body_bytes: config.max_body_bytes,
+            live: live.clone(),
+            attach: Arc::new(AttachLimits::new(
+                config.max_attachers,
+                config.max_attachers_per_run,
+                config.keep_alive,
+            )),
         };
         let app = api::router(state);
+        let listener = DeadlineListener::new(listener, config.slow_client_timeout, metrics.clone());
         let http_stop = stop.clone();
         Some(tokio::spawn(async move {
             axum::serve(listener, app)

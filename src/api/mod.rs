@@ -5,6 +5,8 @@
 
 mod error;
 mod runs;
+pub mod slow_clients;
+mod stream;
 
 use std::sync::Arc;
 
@@ -19,8 +21,10 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 pub use error::ApiError;
+pub use stream::AttachLimits;
 
 use crate::executor::Metrics;
+use crate::live::LiveOutput;
 use crate::workflow::Registry;
 
 /// What every handler shares.
@@ -32,6 +36,9 @@ pub struct AppState {
     pub api_token: Option<Arc<str>>,
     pub metrics: Arc<Metrics>,
     pub max_body_bytes: usize,
+    /// Live output (NATS); `None` when not configured: attach answers 503.
+    pub live: Option<Arc<LiveOutput>>,
+    pub attach: Arc<AttachLimits>,
 }
 
 /// Builds the router.
@@ -41,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/runs/{id}", get(runs::show))
         .route("/v1/runs/{id}/steps", get(runs::steps))
         .route("/v1/runs/{id}/cancel", post(runs::cancel))
+        .route("/v1/runs/{id}/stream", get(stream::attach))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -89,10 +97,15 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    let mut text = state.metrics.render();
+    text.push_str(&format!(
+        "# HELP spool_attachers Clients attached to live output\n# TYPE spool_attachers gauge\nspool_attachers {}\n",
+        state.attach.current()
+    ));
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        text,
     )
         .into_response()
 }

@@ -21,12 +21,14 @@ pub struct StepRecord {
     pub claim_epoch: i64,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
+    /// Live-output chunks the step emitted, republished on replay.
+    pub chunks: Vec<String>,
 }
 
 pub async fn load_steps(client: &impl Conn, run_id: &str) -> Result<Vec<StepRecord>, DbError> {
     let stmt = client
         .stmt(
-            "select step, name, output, error, claim_epoch, started_at, finished_at
+            "select step, name, output, error, claim_epoch, started_at, finished_at, chunks
                from spool.operation_outputs where run_id = $1 order by step",
         )
         .await
@@ -46,6 +48,7 @@ pub async fn load_steps(client: &impl Conn, run_id: &str) -> Result<Vec<StepReco
             claim_epoch: r.get(4),
             started_at: r.get(5),
             finished_at: r.get(6),
+            chunks: r.get(7),
         })
         .collect())
 }
@@ -57,17 +60,23 @@ pub struct StepRecorded {
     pub cancel_requested: bool,
 }
 
-/// Records a finished step, fenced by the claim epoch. Exactly one of `output` and `error` is set.
-#[allow(clippy::too_many_arguments)]
+/// A finished step to record. Exactly one of `output` and `error` is set.
+#[derive(Debug, Clone, Copy)]
+pub struct FinishedStep<'a> {
+    pub step: i32,
+    pub name: &'a str,
+    pub output: Option<&'a Value>,
+    pub error: Option<&'a Value>,
+    pub chunks: &'a [String],
+    pub started_at: DateTime<Utc>,
+}
+
+/// Records a finished step, fenced by the claim epoch.
 pub async fn record_step_if_owned(
     client: &impl Conn,
     run_id: &str,
     claim_epoch: i64,
-    step: i32,
-    name: &str,
-    output: Option<&Value>,
-    error: Option<&Value>,
-    started_at: DateTime<Utc>,
+    s: FinishedStep<'_>,
 ) -> Result<StepRecorded, DbError> {
     let stmt = client
         .stmt(
@@ -77,8 +86,8 @@ pub async fn record_step_if_owned(
                  for share
              ), ins as (
                 insert into spool.operation_outputs
-                       (run_id, step, name, output, error, claim_epoch, started_at)
-                select o.id, $3, $4, $5, $6, $2, $7 from owner o
+                       (run_id, step, name, output, error, claim_epoch, started_at, chunks)
+                select o.id, $3, $4, $5, $6, $2, $7, $8 from owner o
                 on conflict (run_id, step) do nothing
                 returning 1
              )
@@ -98,11 +107,12 @@ pub async fn record_step_if_owned(
             &[
                 &run_id,
                 &claim_epoch,
-                &step,
-                &name,
-                &output,
-                &error,
-                &started_at,
+                &s.step,
+                &s.name,
+                &s.output,
+                &s.error,
+                &s.started_at,
+                &s.chunks,
             ],
         )
         .await

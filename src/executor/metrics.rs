@@ -16,6 +16,8 @@ pub struct Metrics {
     pub lost: AtomicU64,
     pub released: AtomicU64,
     pub in_flight: AtomicU64,
+    /// HTTP connections cut because the client stopped reading (slow attachers).
+    pub connections_cut: AtomicU64,
 }
 
 impl Metrics {

@@ -15,7 +15,9 @@ use serde_json::{json, Value};
 use crate::db::runs::{self, Outcome, Run};
 use crate::db::{self, DbError};
 use crate::workflow::with_db_patience;
-use crate::workflow::{ChunkSink, DiscardChunks, Registry, RunContext, RunIdentity, WorkflowError};
+use crate::workflow::{
+    ChunkSink, DiscardChunks, Registry, RunContext, RunEnd, RunIdentity, WorkflowError,
+};
 
 use super::metrics::Metrics;
 
@@ -41,10 +43,17 @@ pub struct RunnerDeps {
 pub async fn execute(run: Run, deps: Arc<RunnerDeps>) {
     let id = run.id.clone();
     let epoch = run.claim_epoch;
-    let (outcome, output, error) = match decide(run, &deps).await {
+    let sink = (deps.chunks)(&RunIdentity {
+        run_id: run.id.clone(),
+        claim_epoch: run.claim_epoch,
+        attempt: run.attempt,
+    });
+    let (outcome, output, error) = match decide(run, &deps, sink.clone()).await {
         Some(end) => end,
         None => return,
     };
+    // every chunk acknowledged before the end is committed ...
+    sink.flush().await;
     let finish = with_db_patience(deps.db_patience, || async {
         let client = deps.pool.get().await?;
         runs::finish_if_owned(
@@ -62,6 +71,14 @@ pub async fn execute(run: Run, deps: Arc<RunnerDeps>) {
         Ok(()) => {
             deps.metrics.finished(outcome);
             tracing::info!(run = %id, status = outcome.as_str(), "run finished");
+            // ... and the end event published only after it is committed
+            let payload = output.or(error).unwrap_or(Value::Null);
+            sink.finish(match outcome {
+                Outcome::Succeeded => RunEnd::Done(payload),
+                Outcome::Cancelled => RunEnd::Cancelled(payload),
+                Outcome::Failed | Outcome::Dead => RunEnd::Failed(payload),
+            })
+            .await;
         }
         Err(DbError::Lost(_)) => {
             deps.metrics.lost();
@@ -77,7 +94,7 @@ type End = (Outcome, Option<Value>, Option<Value>);
 
 /// Runs the workflow and decides the terminal transition, or `None` when there is nothing to
 /// record (the run was lost, or the database is unreachable and recovery will retry).
-async fn decide(run: Run, deps: &RunnerDeps) -> Option<End> {
+async fn decide(run: Run, deps: &RunnerDeps, sink: Arc<dyn ChunkSink>) -> Option<End> {
     if run.attempt > run.max_attempts {
         let message = format!(
             "gave up after {} attempts (max_attempts {}): the run was claimed {} times without finishing, which usually means it crashed or stranded its executor each time",
@@ -123,7 +140,6 @@ async fn decide(run: Run, deps: &RunnerDeps) -> Option<End> {
         claim_epoch: run.claim_epoch,
         attempt: run.attempt,
     };
-    let sink = (deps.chunks)(&identity);
     let ctx = RunContext::new(
         identity,
         deps.pool.clone(),

@@ -71,11 +71,9 @@ async fn ticker(ctx: RunContext, input: TickerInput) -> Result<Value, WorkflowEr
                     if tick > 1 && input.interval_ms > 0 {
                         tokio::time::sleep(Duration::from_millis(input.interval_ms)).await;
                     }
-                    ctx.emit(format!("tick-{tick}"))
-                        .await
-                        .map_err(|e| StepError::retryable(e.to_string()))?;
+                    ctx.emit(format!("tick-{tick}")).await;
                 }
-                Ok(last)
+                Ok::<_, StepError>(last)
             }
         })
         .await?;

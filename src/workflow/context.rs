@@ -6,11 +6,10 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use chrono::Utc;
 use deadpool_postgres::Pool;
 use futures::future::BoxFuture;
@@ -19,7 +18,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{StepError, WorkflowError};
-use crate::db::{self, steps::StepRecord, DbError};
+use crate::db::steps::{FinishedStep, StepRecord};
+use crate::db::{self, DbError};
 
 /// Which attempt of which run a context belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,10 +29,28 @@ pub struct RunIdentity {
     pub attempt: i32,
 }
 
-/// Where a run's chunks go. One sink per run attempt; the live-output publisher implements it.
+/// How a run ended, as its live output announces it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEnd {
+    Done(Value),
+    Failed(Value),
+    Cancelled(Value),
+}
+
+/// Where a run attempt's chunks go; the live-output publisher implements it.
+///
+/// None of these calls fails the run: a sink that cannot publish (NATS down) remembers what it
+/// owes and repairs the output when it can; the run itself completes in Postgres regardless.
 pub trait ChunkSink: Send + Sync {
-    /// Emits one chunk of the run's live output, in order.
-    fn emit(&self, chunk: Bytes) -> BoxFuture<'_, Result<(), WorkflowError>>;
+    /// Publishes the next chunk of this attempt's output.
+    fn emit(&self, chunk: String) -> BoxFuture<'_, ()>;
+    /// The output restarts from its first `keep` chunks: a step try that emitted chunks failed
+    /// and will be retried.
+    fn rewind(&self, keep: usize) -> BoxFuture<'_, ()>;
+    /// Waits until every chunk is acknowledged; called before the terminal status is committed.
+    fn flush(&self) -> BoxFuture<'_, ()>;
+    /// Publishes the end event; called after the terminal status is committed.
+    fn finish(&self, end: RunEnd) -> BoxFuture<'_, ()>;
 }
 
 /// A sink that drops every chunk (no live output configured).
@@ -40,8 +58,17 @@ pub trait ChunkSink: Send + Sync {
 pub struct DiscardChunks;
 
 impl ChunkSink for DiscardChunks {
-    fn emit(&self, _chunk: Bytes) -> BoxFuture<'_, Result<(), WorkflowError>> {
-        Box::pin(async { Ok(()) })
+    fn emit(&self, _chunk: String) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+    fn rewind(&self, _keep: usize) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+    fn finish(&self, _end: RunEnd) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
     }
 }
 
@@ -110,6 +137,10 @@ struct Inner {
     /// Set from the run row whenever a step is recorded.
     cancel_requested: AtomicBool,
     chunks: Arc<dyn ChunkSink>,
+    /// Chunks emitted in this attempt so far, replayed ones included.
+    emitted: AtomicUsize,
+    /// Chunks of the step in flight, recorded with its output.
+    step_chunks: Mutex<Option<Vec<String>>>,
     /// How long a step write keeps retrying while the database is unreachable.
     db_patience: Duration,
 }
@@ -130,6 +161,8 @@ impl RunContext {
                 step_counter: AtomicI32::new(0),
                 cancel_requested: AtomicBool::new(cancel_requested),
                 chunks,
+                emitted: AtomicUsize::new(0),
+                step_chunks: Mutex::new(None),
                 db_patience: Duration::from_secs(120),
             }),
         }
@@ -157,9 +190,16 @@ impl RunContext {
         }
     }
 
-    /// Emits a chunk of live output.
-    pub async fn emit(&self, chunk: impl Into<Bytes>) -> Result<(), WorkflowError> {
-        self.inner.chunks.emit(chunk.into()).await
+    /// Emits a chunk of live output. Chunks emitted inside a step are memoized with it and
+    /// republished when the step is replayed; chunks emitted between steps are emitted again
+    /// because the code between steps runs again.
+    pub async fn emit(&self, chunk: impl Into<String>) {
+        let chunk = chunk.into();
+        if let Some(buffer) = self.inner.step_chunks.lock().unwrap().as_mut() {
+            buffer.push(chunk.clone());
+        }
+        self.inner.emitted.fetch_add(1, Ordering::SeqCst);
+        self.inner.chunks.emit(chunk).await;
     }
 
     /// Runs a step with the default [`RetryPolicy`]; see [`RunContext::step_with`].
@@ -192,6 +232,12 @@ impl RunContext {
     {
         let number = self.inner.step_counter.fetch_add(1, Ordering::SeqCst) + 1;
         if let Some(recorded) = self.inner.memo.get(&number) {
+            if recorded.name == name {
+                for chunk in &recorded.chunks {
+                    self.inner.emitted.fetch_add(1, Ordering::SeqCst);
+                    self.inner.chunks.emit(chunk.clone()).await;
+                }
+            }
             return replayed(recorded, number, name);
         }
         self.check_cancelled()?;
@@ -205,28 +251,56 @@ impl RunContext {
         let started_at = Utc::now();
         let mut retries = 0;
         let outcome = loop {
+            let mark = self.inner.emitted.load(Ordering::SeqCst);
+            *self.inner.step_chunks.lock().unwrap() = Some(Vec::new());
             match f(info.clone()).await {
                 Ok(value) => break Ok(value),
                 Err(StepError::Retryable(message)) if retries < policy.max_retries => {
                     tracing::debug!(run = %info.run_id, step = number, %message, "step will be retried");
+                    if self.inner.emitted.load(Ordering::SeqCst) > mark {
+                        // the failed try's chunks were published: the output restarts before them
+                        self.inner.chunks.rewind(mark).await;
+                        self.inner.emitted.store(mark, Ordering::SeqCst);
+                    }
                     retries += 1;
                     tokio::time::sleep(policy.backoff(retries)).await;
                 }
                 Err(e) => break Err(e.to_string()),
             }
         };
+        let chunks = self
+            .inner
+            .step_chunks
+            .lock()
+            .unwrap()
+            .take()
+            .unwrap_or_default();
         match outcome {
             Ok(value) => {
                 let json = serde_json::to_value(&value)
                     .map_err(|e| WorkflowError::Encode(e.to_string()))?;
-                self.record(number, name, Some(&json), None, started_at)
-                    .await?;
+                self.record(FinishedStep {
+                    step: number,
+                    name,
+                    output: Some(&json),
+                    error: None,
+                    chunks: &chunks,
+                    started_at,
+                })
+                .await?;
                 Ok(value)
             }
             Err(message) => {
                 let error = json!({"code": "step_failed", "message": message});
-                self.record(number, name, None, Some(&error), started_at)
-                    .await?;
+                self.record(FinishedStep {
+                    step: number,
+                    name,
+                    output: None,
+                    error: Some(&error),
+                    chunks: &chunks,
+                    started_at,
+                })
+                .await?;
                 Err(WorkflowError::StepFailed {
                     step: number,
                     name: name.to_string(),
@@ -238,28 +312,11 @@ impl RunContext {
 
     /// Records a step, retrying while the database is unreachable (a write that committed but
     /// whose reply was lost is recognised on retry as ours).
-    async fn record(
-        &self,
-        number: i32,
-        name: &str,
-        output: Option<&Value>,
-        error: Option<&Value>,
-        started_at: chrono::DateTime<Utc>,
-    ) -> Result<(), WorkflowError> {
+    async fn record(&self, step: FinishedStep<'_>) -> Result<(), WorkflowError> {
         let id = &self.inner.identity;
         let recorded = with_db_patience(self.inner.db_patience, || async {
             let client = self.inner.pool.get().await?;
-            db::steps::record_step_if_owned(
-                &client,
-                &id.run_id,
-                id.claim_epoch,
-                number,
-                name,
-                output,
-                error,
-                started_at,
-            )
-            .await
+            db::steps::record_step_if_owned(&client, &id.run_id, id.claim_epoch, step).await
         })
         .await?;
         if recorded.cancel_requested {

@@ -19,7 +19,9 @@ use serde_json::{json, Value};
 
 pub use builtin::{TickerInput, NOOP, TICKER};
 pub(crate) use context::with_db_patience;
-pub use context::{ChunkSink, DiscardChunks, RetryPolicy, RunContext, RunIdentity, StepInfo};
+pub use context::{
+    ChunkSink, DiscardChunks, RetryPolicy, RunContext, RunEnd, RunIdentity, StepInfo,
+};
 
 use crate::db::DbError;
 

@@ -2,7 +2,9 @@ use std::sync::Arc;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use spool::api::{self, AppState};
+use std::time::Duration;
+
+use spool::api::{self, AppState, AttachLimits};
 use spool::executor::Metrics;
 use spool::Registry;
 
@@ -16,6 +18,8 @@ async fn serve(db: &TestDb, token: Option<&str>) -> String {
         api_token: token.map(Arc::from),
         metrics: Arc::new(Metrics::default()),
         max_body_bytes: 4096,
+        live: None,
+        attach: Arc::new(AttachLimits::new(10, 10, Duration::from_secs(15))),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -1,9 +1,21 @@
 use chrono::Utc;
 use serde_json::json;
 use spool::db::runs::{self, Claimant, Outcome};
-use spool::db::{steps, DbError};
+use spool::db::steps::{self, FinishedStep};
+use spool::db::DbError;
 
 use crate::common::TestDb;
+
+fn step(output: &serde_json::Value) -> FinishedStep<'_> {
+    FinishedStep {
+        step: 1,
+        name: "s",
+        output: Some(output),
+        error: None,
+        chunks: &[],
+        started_at: Utc::now(),
+    }
+}
 
 #[tokio::test]
 async fn a_stale_claim_epoch_can_neither_record_a_step_nor_complete_the_run() {
@@ -21,6 +33,7 @@ async fn a_stale_claim_epoch_can_neither_record_a_step_nor_complete_the_run() {
         workflows: &workflows,
         queues: None,
     };
+    let one = json!(1);
     let first = runs::claim(&client, &who, 1).await.unwrap().remove(0);
     assert_eq!(first.claim_epoch, 1);
 
@@ -33,9 +46,7 @@ async fn a_stale_claim_epoch_can_neither_record_a_step_nor_complete_the_run() {
     assert_eq!(retaken[0].attempt, 2);
 
     // The zombie of epoch 1 tries to write.
-    let stale_step =
-        steps::record_step_if_owned(&client, "r1", 1, 1, "s", Some(&json!(1)), None, Utc::now())
-            .await;
+    let stale_step = steps::record_step_if_owned(&client, "r1", 1, step(&one)).await;
     assert!(
         matches!(stale_step, Err(DbError::Lost(_))),
         "{stale_step:?}"
@@ -63,7 +74,7 @@ async fn a_stale_claim_epoch_can_neither_record_a_step_nor_complete_the_run() {
     assert_eq!(db.status("r1").await, "running");
 
     // The current owner's writes go through, exactly once.
-    steps::record_step_if_owned(&client, "r1", 2, 1, "s", Some(&json!(1)), None, Utc::now())
+    steps::record_step_if_owned(&client, "r1", 2, step(&one))
         .await
         .unwrap();
     runs::finish_if_owned(

@@ -1,0 +1,163 @@
+//! `GET /v1/runs/{id}/stream`: the SSE attach endpoint.
+//!
+//! Each client gets a producer task (see `crate::live::attach`) feeding a bounded channel; the
+//! response reads from it. Attachers are capped per run and in total (429 past the cap). A
+//! client that stops reading is cut by the connection's write deadline (see `slow_clients`),
+//! which drops the response and, with it, the producer and its consumer: server memory per
+//! client stays bounded, and the client resumes with `Last-Event-ID`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::mpsc;
+
+use super::{ApiError, AppState};
+use crate::db::runs;
+use crate::live::attach::{self, AttachEvent};
+
+/// Events buffered per client between the producer and the connection.
+const CLIENT_BUFFER: usize = 64;
+
+/// Caps on attachers.
+#[derive(Debug)]
+pub struct AttachLimits {
+    pub max_total: usize,
+    pub max_per_run: usize,
+    pub keep_alive: Duration,
+    total: AtomicUsize,
+    per_run: Mutex<HashMap<String, usize>>,
+}
+
+impl AttachLimits {
+    pub fn new(max_total: usize, max_per_run: usize, keep_alive: Duration) -> Self {
+        Self {
+            max_total,
+            max_per_run,
+            keep_alive,
+            total: AtomicUsize::new(0),
+            per_run: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Attachers connected right now.
+    pub fn current(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    fn admit(self: &Arc<Self>, run_id: &str) -> Option<AttachGuard> {
+        let mut per_run = self.per_run.lock().unwrap();
+        let n = per_run.entry(run_id.to_string()).or_insert(0);
+        if *n >= self.max_per_run || self.total.load(Ordering::Relaxed) >= self.max_total {
+            if *n == 0 {
+                per_run.remove(run_id);
+            }
+            return None;
+        }
+        *n += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Some(AttachGuard {
+            limits: self.clone(),
+            run_id: run_id.to_string(),
+        })
+    }
+}
+
+/// Counts one attacher while alive.
+struct AttachGuard {
+    limits: Arc<AttachLimits>,
+    run_id: String,
+}
+
+impl Drop for AttachGuard {
+    fn drop(&mut self) {
+        let mut per_run = self.limits.per_run.lock().unwrap();
+        if let Some(n) = per_run.get_mut(&self.run_id) {
+            *n -= 1;
+            if *n == 0 {
+                per_run.remove(&self.run_id);
+            }
+        }
+        self.limits.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub async fn attach(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    crate::validate::run_id(&id).map_err(|m| ApiError::bad_request("invalid_id", m))?;
+    let after = match headers.get("last-event-id") {
+        None => 0,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_last_event_id",
+                    "Last-Event-ID must be an event id from this stream",
+                )
+            })?,
+    };
+    let run = {
+        let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
+        runs::get_run(&client, &id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no run with id {id:?}")))?
+    };
+    let Some(live) = state.live.clone() else {
+        return Err(ApiError::unavailable(
+            "live output is not configured on this server (set NATS_URL)",
+        ));
+    };
+    let guard = state.attach.admit(&id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_attachers",
+            "too many clients are attached; try again later",
+        )
+    })?;
+    let (tx, mut rx) = mpsc::channel::<AttachEvent>(CLIENT_BUFFER);
+    let producer = tokio::spawn(attach::produce(live, state.pool.clone(), run, after, tx));
+    let owned = Owned {
+        _guard: guard,
+        producer,
+    };
+    let events = futures::stream::poll_fn(move |cx| {
+        let _ = &owned; // the stream owns the guard and the producer
+        rx.poll_recv(cx)
+            .map(|e| e.map(|e| Ok::<_, Infallible>(sse_event(e))))
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(state.attach.keep_alive))
+        .into_response())
+}
+
+/// What a response stream owns: dropping it (client gone, connection cut) stops the producer.
+struct Owned {
+    _guard: AttachGuard,
+    producer: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.producer.abort();
+    }
+}
+
+fn sse_event(e: AttachEvent) -> Event {
+    let event = Event::default().id(e.id.to_string()).event(e.kind);
+    if e.data.is_empty() {
+        event
+    } else {
+        event.data(e.data)
+    }
+}

@@ -1,0 +1,271 @@
+//! Attach: reads a run's subject and produces the attach protocol's events, in order, into a
+//! bounded channel (the client's buffer).
+//!
+//! Rules:
+//! - messages older than the run's claim epoch at attach time, or than the last `reset` seen,
+//!   are a superseded attempt's (a zombie's) and are dropped;
+//! - every event's id is the JetStream stream sequence of the message (synthetic events carry
+//!   the last sequence delivered), so `Last-Event-ID` resumes right after it;
+//! - when NATS is unavailable the client gets one `unavailable` event, then either the live
+//!   stream again (resumed where it left off) or, once the run has ended, the end event built
+//!   from Postgres;
+//! - a run that ended without an end message on its subject (chunks expired, NATS was down at
+//!   the end) gets the end event from Postgres.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use deadpool_postgres::Pool;
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::{header, LiveOutput};
+use crate::db::runs::{self, Run};
+
+/// One event of the attach protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttachEvent {
+    pub id: u64,
+    /// `chunk`, `reset`, `done`, `failed`, `cancelled` or `unavailable`.
+    pub kind: &'static str,
+    pub data: String,
+}
+
+impl AttachEvent {
+    pub fn is_end(&self) -> bool {
+        matches!(self.kind, "done" | "failed" | "cancelled")
+    }
+}
+
+/// How long a run may be finished in Postgres without its end message arriving before the end
+/// event is built from Postgres.
+const END_GRACE: Duration = Duration::from_secs(2);
+const TICK: Duration = Duration::from_millis(250);
+
+/// Produces the events of `run_id` after stream sequence `after` into `tx` until the end event
+/// or until the client goes away (the channel closes).
+pub async fn produce(
+    live: Arc<LiveOutput>,
+    pool: Pool,
+    run: Run,
+    after: u64,
+    tx: mpsc::Sender<AttachEvent>,
+) {
+    let mut a = Attacher {
+        live,
+        pool,
+        run_id: run.id.clone(),
+        last_seq: after,
+        epoch: run.claim_epoch,
+        tx,
+    };
+    a.run(run).await;
+}
+
+struct Attacher {
+    live: Arc<LiveOutput>,
+    pool: Pool,
+    run_id: String,
+    /// Stream sequence of the last message handed to the client (or skipped).
+    last_seq: u64,
+    /// Messages of older epochs are dropped.
+    epoch: i64,
+    tx: mpsc::Sender<AttachEvent>,
+}
+
+enum Next {
+    /// The end event was sent, or the client left.
+    Done,
+    /// NATS failed; wait for it or for the run's end.
+    Unavailable(String),
+}
+
+impl Attacher {
+    async fn run(&mut self, run: Run) {
+        // A finished run with nothing on its subject: the chunks expired (or were never
+        // published). The end event comes from Postgres at once.
+        if run.is_terminal() && self.subject_is_empty().await == Some(true) {
+            self.send_end_from(&run).await;
+            return;
+        }
+        loop {
+            let reason = match self.stream_live().await {
+                Next::Done => return,
+                Next::Unavailable(reason) => reason,
+            };
+            tracing::debug!(run = %self.run_id, %reason, "attach: live output unavailable");
+            let event = AttachEvent {
+                id: self.last_seq,
+                kind: "unavailable",
+                data: format!("live output is unavailable ({reason}); the end of the run will still be delivered"),
+            };
+            if self.tx.send(event).await.is_err() {
+                return;
+            }
+            // Wait for NATS to come back, or for the run to end.
+            loop {
+                tokio::time::sleep(TICK * 2).await; // poll interval while NATS is down
+                if self.tx.is_closed() {
+                    return;
+                }
+                if let Some(run) = self.finished_run().await {
+                    if !self.live.is_connected() {
+                        self.send_end_from(&run).await;
+                        return;
+                    }
+                }
+                if self.live.is_connected() && self.live.ensure_stream().await.is_ok() {
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn subject_is_empty(&self) -> Option<bool> {
+        let stream = self.live.ensure_stream().await.ok()?;
+        let subject = self.live.subject(&self.run_id);
+        match tokio::time::timeout(
+            self.live.settings.op_timeout,
+            stream.get_last_raw_message_by_subject(&subject),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Some(false),
+            Ok(Err(e)) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Some(true),
+            _ => None,
+        }
+    }
+
+    async fn finished_run(&self) -> Option<Run> {
+        let client = self.pool.get().await.ok()?;
+        runs::get_run(&client, &self.run_id)
+            .await
+            .ok()
+            .flatten()
+            .filter(Run::is_terminal)
+    }
+
+    async fn send_end_from(&mut self, run: &Run) {
+        let (kind, data) = match run.status.as_str() {
+            "succeeded" => ("done", run.output.clone().unwrap_or(Value::Null)),
+            "cancelled" => ("cancelled", run.error.clone().unwrap_or(Value::Null)),
+            _ => ("failed", run.error.clone().unwrap_or(Value::Null)),
+        };
+        let _ = self
+            .tx
+            .send(AttachEvent {
+                id: self.last_seq,
+                kind,
+                data: data.to_string(),
+            })
+            .await;
+    }
+
+    /// Delivers messages as they arrive until the end event, the client leaving, or a NATS
+    /// failure.
+    async fn stream_live(&mut self) -> Next {
+        let stream = match self.live.ensure_stream().await {
+            Ok(s) => s,
+            Err(e) => return Next::Unavailable(e.to_string()),
+        };
+        let config = OrderedConfig {
+            filter_subject: self.live.subject(&self.run_id),
+            deliver_policy: if self.last_seq == 0 {
+                DeliverPolicy::All
+            } else {
+                DeliverPolicy::ByStartSequence {
+                    start_sequence: self.last_seq + 1,
+                }
+            },
+            ..Default::default()
+        };
+        let consumer = match tokio::time::timeout(
+            self.live.settings.op_timeout,
+            stream.create_consumer(config),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Next::Unavailable(e.to_string()),
+            Err(_) => return Next::Unavailable("timed out creating a consumer".into()),
+        };
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => return Next::Unavailable(e.to_string()),
+        };
+        let mut last_message_at = Instant::now();
+        let mut finished_seen: Option<Instant> = None;
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                message = messages.next() => {
+                    let message = match message {
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => return Next::Unavailable(e.to_string()),
+                        None => return Next::Unavailable("consumer closed".into()),
+                    };
+                    last_message_at = Instant::now();
+                    let Ok(info) = message.info() else { continue };
+                    let seq = info.stream_sequence;
+                    if seq <= self.last_seq {
+                        continue;
+                    }
+                    self.last_seq = seq;
+                    let Some(event) = self.event_of(seq, &message) else { continue };
+                    let end = event.is_end();
+                    if self.tx.send(event).await.is_err() || end {
+                        return Next::Done;
+                    }
+                }
+                _ = tick.tick() => {
+                    if self.tx.is_closed() {
+                        return Next::Done;
+                    }
+                    if !self.live.is_connected() {
+                        return Next::Unavailable("NATS disconnected".into());
+                    }
+                    if let Some(run) = self.finished_run().await {
+                        let since = *finished_seen.get_or_insert_with(Instant::now);
+                        if Instant::now().duration_since(since.max(last_message_at)) > END_GRACE {
+                            // finished, and the end message is not coming
+                            self.send_end_from(&run).await;
+                            return Next::Done;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Turns a message into an event, or `None` for a superseded attempt's message.
+    fn event_of(
+        &mut self,
+        seq: u64,
+        message: &async_nats::jetstream::Message,
+    ) -> Option<AttachEvent> {
+        let headers = message.headers.as_ref()?;
+        let kind = headers.get(header::KIND)?.as_str();
+        let epoch: i64 = headers.get(header::EPOCH)?.as_str().parse().ok()?;
+        if epoch < self.epoch {
+            return None;
+        }
+        self.epoch = epoch;
+        let kind = match kind {
+            "chunk" => "chunk",
+            "reset" => "reset",
+            "done" => "done",
+            "failed" => "failed",
+            "cancelled" => "cancelled",
+            _ => return None,
+        };
+        Some(AttachEvent {
+            id: seq,
+            kind,
+            data: String::from_utf8_lossy(&message.payload).into_owned(),
+        })
+    }
+}

@@ -1,0 +1,171 @@
+//! Live output over NATS JetStream: one stream, one subject per run (`{prefix}.{run_id}`).
+//!
+//! - [`publisher::ChunkPublisher`] is a run attempt's [`crate::workflow::ChunkSink`]: it purges
+//!   the run's subject (and awaits the purge) before the attempt's first message, publishes a
+//!   `reset` on a re-run, pipelines chunks with a bounded window of pending acks, and publishes
+//!   the end event only after the terminal status is committed in Postgres.
+//! - [`attach`] turns a run's subject into the SSE attach protocol.
+//!
+//! Postgres stays the record of truth: nothing here decides a run's status, and a NATS outage
+//! never fails or stalls a run.
+
+pub mod attach;
+pub mod publisher;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use tokio_util::sync::CancellationToken;
+
+/// Header names carried by every message on a run's subject.
+pub mod header {
+    /// `chunk`, `reset`, `done`, `failed` or `cancelled`.
+    pub const KIND: &str = "Spool-Kind";
+    pub const RUN: &str = "Spool-Run";
+    pub const EPOCH: &str = "Spool-Epoch";
+    pub const SEQ: &str = "Spool-Seq";
+}
+
+/// Live-output settings.
+#[derive(Debug, Clone)]
+pub struct LiveSettings {
+    pub nats_url: String,
+    pub stream: String,
+    pub subject_prefix: String,
+    pub max_age: Duration,
+    pub duplicate_window: Duration,
+    /// Publishes in flight before the publisher waits for the oldest ack.
+    pub ack_window: usize,
+    /// How long one NATS operation may take before the publisher treats NATS as unavailable.
+    pub op_timeout: Duration,
+}
+
+impl LiveSettings {
+    pub fn new(nats_url: impl Into<String>) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            stream: "SPOOL_OUTPUT".into(),
+            subject_prefix: "spool.output".into(),
+            max_age: Duration::from_secs(24 * 3600),
+            duplicate_window: Duration::from_secs(120),
+            ack_window: 512,
+            op_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error("cannot connect to NATS at {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("NATS operation failed: {0}")]
+    Nats(String),
+    #[error("NATS did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A connection to NATS plus the stream handle; shared by every publisher and attacher.
+pub struct LiveOutput {
+    pub settings: LiveSettings,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    /// Set once the stream exists (created or updated at start, retried until NATS answers).
+    stream: tokio::sync::OnceCell<stream::Stream>,
+}
+
+impl LiveOutput {
+    /// Connects (retrying in the background if NATS is not up yet) and starts a task that
+    /// creates or updates the stream; `stop` ends that task.
+    pub async fn connect(
+        settings: LiveSettings,
+        stop: CancellationToken,
+    ) -> Result<Arc<Self>, LiveError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("spool")
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(2))
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("NATS connected"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("NATS disconnected; reconnecting")
+                    }
+                    other => tracing::debug!(event = %other, "NATS event"),
+                }
+            })
+            .connect(settings.nats_url.as_str())
+            .await
+            .map_err(|e| LiveError::Connect {
+                url: settings.nats_url.clone(),
+                message: e.to_string(),
+            })?;
+        let js = jetstream::new(client.clone());
+        let live = Arc::new(Self {
+            settings,
+            client,
+            js,
+            stream: tokio::sync::OnceCell::new(),
+        });
+        let setup = live.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match setup.ensure_stream().await {
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot create the live-output stream yet")
+                    }
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        });
+        Ok(live)
+    }
+
+    /// The stream, created or updated on first use.
+    pub async fn ensure_stream(&self) -> Result<&stream::Stream, LiveError> {
+        self.stream
+            .get_or_try_init(|| async {
+                let s = &self.settings;
+                let config = stream::Config {
+                    name: s.stream.clone(),
+                    subjects: vec![format!("{}.>", s.subject_prefix)],
+                    storage: stream::StorageType::File,
+                    max_age: s.max_age,
+                    duplicate_window: s.duplicate_window.min(s.max_age),
+                    allow_direct: true,
+                    ..Default::default()
+                };
+                let op = async {
+                    self.js
+                        .create_or_update_stream(config)
+                        .await
+                        .map_err(|e| LiveError::Nats(e.to_string()))?;
+                    self.js
+                        .get_stream(&s.stream)
+                        .await
+                        .map_err(|e| LiveError::Nats(e.to_string()))
+                };
+                tokio::time::timeout(self.settings.op_timeout, op)
+                    .await
+                    .map_err(|_| LiveError::Timeout(self.settings.op_timeout))?
+            })
+            .await
+    }
+
+    /// The subject of a run's live output. Run ids are validated (letters, digits, `-`, `_`,
+    /// `:`), so they are always one subject token.
+    pub fn subject(&self, run_id: &str) -> String {
+        format!("{}.{}", self.settings.subject_prefix, run_id)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}

@@ -1,0 +1,217 @@
+//! [`ChunkPublisher`]: the live output of one run attempt.
+//!
+//! Order of every attempt on the run's subject: purge (awaited) → `reset` (when an earlier claim
+//! existed) → chunks → end. Every message carries run id, claim epoch and a sequence number, and
+//! `Nats-Msg-Id = run:epoch:seq`. Publishes are pipelined: at most `ack_window` acks are pending
+//! before the publisher awaits the oldest.
+//!
+//! When NATS fails (a publish, an ack or the purge), the publisher stops publishing, keeps the
+//! chunks, and repairs the output at the next flush: purge, `reset`, every chunk again. The run
+//! never waits on NATS beyond one operation timeout and never fails because of it.
+
+use std::collections::VecDeque;
+use std::future::IntoFuture;
+use std::sync::Arc;
+
+use async_nats::jetstream::context::PublishAckFuture;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
+use super::{header, LiveError, LiveOutput};
+use crate::executor::ChunkSinkFactory;
+use crate::workflow::{ChunkSink, RunEnd, RunIdentity};
+
+/// Makes a [`ChunkPublisher`] per run attempt.
+pub fn factory(live: Arc<LiveOutput>) -> ChunkSinkFactory {
+    Arc::new(move |id: &RunIdentity| {
+        Arc::new(ChunkPublisher::new(live.clone(), id)) as Arc<dyn ChunkSink>
+    })
+}
+
+pub struct ChunkPublisher {
+    live: Arc<LiveOutput>,
+    run_id: String,
+    epoch: i64,
+    subject: String,
+    state: tokio::sync::Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The purge (and reset) of this attempt happened.
+    started: bool,
+    /// Sequence number of the last message published by this attempt (never reused).
+    seq: u64,
+    pending: VecDeque<PublishAckFuture>,
+    /// Every chunk of this attempt in order, for a rewind or a repair.
+    chunks: Vec<String>,
+    /// A NATS operation failed; the output is republished at the next flush.
+    broken: bool,
+}
+
+impl ChunkPublisher {
+    pub fn new(live: Arc<LiveOutput>, id: &RunIdentity) -> Self {
+        Self {
+            subject: live.subject(&id.run_id),
+            live,
+            run_id: id.run_id.clone(),
+            epoch: id.claim_epoch,
+            state: tokio::sync::Mutex::new(State::default()),
+        }
+    }
+
+    fn headers(&self, kind: &str, seq: u64) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::KIND, kind);
+        h.insert(header::RUN, self.run_id.as_str());
+        h.insert(header::EPOCH, self.epoch.to_string().as_str());
+        h.insert(header::SEQ, seq.to_string().as_str());
+        h.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!("{}:{}:{}", self.run_id, self.epoch, seq).as_str(),
+        );
+        h
+    }
+
+    async fn timed<T, E: std::fmt::Display>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, LiveError> {
+        let limit = self.live.settings.op_timeout;
+        match tokio::time::timeout(limit, op).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(LiveError::Nats(e.to_string())),
+            Err(_) => Err(LiveError::Timeout(limit)),
+        }
+    }
+
+    /// Sends one message; waits for the oldest ack when the window is full.
+    async fn publish(&self, st: &mut State, kind: &str, payload: Bytes) -> Result<(), LiveError> {
+        st.seq += 1;
+        let headers = self.headers(kind, st.seq);
+        let ack = self
+            .timed(
+                self.live
+                    .js
+                    .publish_with_headers(self.subject.clone(), headers, payload),
+            )
+            .await?;
+        st.pending.push_back(ack);
+        while st.pending.len() > self.live.settings.ack_window {
+            let oldest = st.pending.pop_front().expect("non-empty");
+            self.timed(oldest.into_future()).await?;
+        }
+        Ok(())
+    }
+
+    async fn await_acks(&self, st: &mut State) -> Result<(), LiveError> {
+        while let Some(ack) = st.pending.pop_front() {
+            self.timed(ack.into_future()).await?;
+        }
+        Ok(())
+    }
+
+    /// Purge the subject (awaited), then `reset` on a re-run. Old acks are dropped: whatever
+    /// they acknowledged is gone with the purge.
+    async fn restart(&self, st: &mut State, republish: bool) -> Result<(), LiveError> {
+        st.pending.clear();
+        let stream = self.live.ensure_stream().await?;
+        self.timed(stream.purge().filter(self.subject.clone()).into_future())
+            .await?;
+        st.started = true;
+        if self.epoch > 1 || republish {
+            self.publish(st, "reset", Bytes::new()).await?;
+        }
+        if republish {
+            let chunks = st.chunks.clone();
+            for chunk in chunks {
+                self.publish(st, "chunk", Bytes::from(chunk)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn broke(&self, st: &mut State, e: LiveError) {
+        if !st.broken {
+            tracing::warn!(run = %self.run_id, error = %e, "live output unavailable; the run goes on and its output is republished when NATS answers");
+        }
+        st.broken = true;
+        st.pending.clear();
+    }
+
+    /// Makes the subject hold this attempt's output so far: repairs a broken output, awaits acks.
+    async fn settle(&self, st: &mut State) -> Result<(), LiveError> {
+        if st.broken {
+            self.restart(st, true).await?;
+            st.broken = false;
+        } else if !st.started && self.epoch > 1 {
+            // nothing emitted by this attempt, but an earlier one may have: clear it
+            self.restart(st, false).await?;
+        }
+        self.await_acks(st).await
+    }
+}
+
+impl ChunkSink for ChunkPublisher {
+    fn emit(&self, chunk: String) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let mut st = self.state.lock().await;
+            st.chunks.push(chunk.clone());
+            if st.broken {
+                return;
+            }
+            let result = async {
+                if !st.started {
+                    self.restart(&mut st, false).await?;
+                }
+                self.publish(&mut st, "chunk", Bytes::from(chunk)).await
+            }
+            .await;
+            if let Err(e) = result {
+                self.broke(&mut st, e);
+            }
+        })
+    }
+
+    fn rewind(&self, keep: usize) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let mut st = self.state.lock().await;
+            st.chunks.truncate(keep);
+            if let Err(e) = self.restart(&mut st, true).await {
+                self.broke(&mut st, e);
+            }
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let mut st = self.state.lock().await;
+            if let Err(e) = self.settle(&mut st).await {
+                self.broke(&mut st, e);
+            }
+        })
+    }
+
+    fn finish(&self, end: RunEnd) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let mut st = self.state.lock().await;
+            let (kind, payload) = match &end {
+                RunEnd::Done(v) => ("done", v),
+                RunEnd::Failed(v) => ("failed", v),
+                RunEnd::Cancelled(v) => ("cancelled", v),
+            };
+            let body = Bytes::from(serde_json::to_vec(payload).unwrap_or_default());
+            let result = async {
+                self.settle(&mut st).await?;
+                self.publish(&mut st, kind, body).await?;
+                self.await_acks(&mut st).await
+            }
+            .await;
+            if let Err(e) = result {
+                // attachers fall back to the run's status and output in Postgres
+                tracing::warn!(run = %self.run_id, error = %e, "cannot publish the end of the live output");
+            }
+        })
+    }
+}
