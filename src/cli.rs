@@ -32,6 +32,33 @@ pub enum Command {
     /// Inspect and cancel runs.
     #[command(subcommand)]
     Runs(RunsCommand),
+    /// Print a run's live output as it arrives; exit 0 on done, 1 on failed or cancelled.
+    Attach(AttachArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AttachArgs {
+    /// Run id.
+    pub id: String,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Base URL of a `spool serve` HTTP API.
+    #[arg(
+        long = "url",
+        env = "SPOOL_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub url: String,
+    /// Bearer token, when the server has one.
+    #[arg(long = "token", env = "SPOOL_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print each chunk on its own line (default: chunks are printed as they are).
+    #[arg(long)]
+    pub lines: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -63,6 +90,11 @@ pub struct EnqueueArgs {
     pub delay: Option<String>,
     #[arg(long)]
     pub max_attempts: Option<i32>,
+    /// Attach to the run's live output right away (as `spool attach`).
+    #[arg(long)]
+    pub attach: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
     #[command(flatten)]
     pub db: DbArgs,
 }
@@ -99,7 +131,7 @@ pub async fn main_with(registry: Registry) -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     match run(cli, registry).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("spool: {e:#}");
             ExitCode::FAILURE
@@ -117,7 +149,7 @@ fn init_tracing() {
         .try_init();
 }
 
-async fn run(cli: Cli, registry: Registry) -> anyhow::Result<()> {
+async fn run(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => {
             let config = Config::from_args(args)?;
@@ -149,7 +181,11 @@ async fn run(cli: Cli, registry: Registry) -> anyhow::Result<()> {
             };
             let (run, _created) = runs::insert_run(&client.client, &new).await?;
             println!("{}", run.id);
+            if args.attach {
+                return crate::cli_attach::attach(&args.server, &run.id).await;
+            }
         }
+        Command::Attach(args) => return crate::cli_attach::attach(&args.server, &args.id).await,
         Command::Runs(RunsCommand::List {
             status,
             workflow,
@@ -204,7 +240,7 @@ async fn run(cli: Cli, registry: Registry) -> anyhow::Result<()> {
             println!("{} {}{note}", run.id, run.status);
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn connect(db: &DbArgs) -> anyhow::Result<db::DedicatedConnection> {

@@ -15,16 +15,18 @@
 //! - [`live`]: live output — the JetStream chunk publisher and the attach protocol.
 //! - [`api`]: the HTTP API, including the SSE attach endpoint.
 //! - [`serve`]: wires the above into `spool serve`.
-//! - [`cli`]: the `spool` command line.
+//! - [`cli`]: the `spool` command line; [`sse_client`]: the attach client it uses.
 
 pub mod api;
 pub mod cli;
+mod cli_attach;
 pub mod config;
 pub mod db;
 pub mod executor;
 pub mod live;
 pub mod migrate;
 pub mod serve;
+pub mod sse_client;
 pub mod validate;
 pub mod workflow;
 

@@ -72,6 +72,9 @@ pub struct LiveOutput {
     pub js: jetstream::Context,
     /// Set once the stream exists (created or updated at start, retried until NATS answers).
     stream: tokio::sync::OnceCell<stream::Stream>,
+    /// Background republishing of finished runs' output after a NATS outage; owned here so it
+    /// ends with the process's live output.
+    repairs: std::sync::Mutex<tokio::task::JoinSet<()>>,
 }
 
 impl LiveOutput {
@@ -107,6 +110,7 @@ impl LiveOutput {
             client,
             js,
             stream: tokio::sync::OnceCell::new(),
+            repairs: std::sync::Mutex::new(tokio::task::JoinSet::new()),
         });
         let setup = live.clone();
         tokio::spawn(async move {
@@ -163,6 +167,13 @@ impl LiveOutput {
     /// `:`), so they are always one subject token.
     pub fn subject(&self, run_id: &str) -> String {
         format!("{}.{}", self.settings.subject_prefix, run_id)
+    }
+
+    /// Runs a repair task in the background (see the publisher).
+    pub fn spawn_repair(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut repairs = self.repairs.lock().unwrap();
+        while repairs.try_join_next().is_some() {}
+        repairs.spawn(task);
     }
 
     pub fn is_connected(&self) -> bool {

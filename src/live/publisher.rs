@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::future::IntoFuture;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::HeaderMap;
@@ -22,6 +23,9 @@ use super::{header, LiveError, LiveOutput};
 use crate::executor::ChunkSinkFactory;
 use crate::workflow::{ChunkSink, RunEnd, RunIdentity};
 
+/// How long a publisher keeps trying to republish a finished run's output while NATS is down.
+const END_REPAIR_PATIENCE: Duration = Duration::from_secs(600);
+
 /// Makes a [`ChunkPublisher`] per run attempt.
 pub fn factory(live: Arc<LiveOutput>) -> ChunkSinkFactory {
     Arc::new(move |id: &RunIdentity| {
@@ -29,12 +33,14 @@ pub fn factory(live: Arc<LiveOutput>) -> ChunkSinkFactory {
     })
 }
 
+/// A cheap handle: clones share the attempt's state (the end's repair task holds one).
+#[derive(Clone)]
 pub struct ChunkPublisher {
     live: Arc<LiveOutput>,
-    run_id: String,
+    run_id: Arc<str>,
     epoch: i64,
     subject: String,
-    state: tokio::sync::Mutex<State>,
+    state: Arc<tokio::sync::Mutex<State>>,
 }
 
 #[derive(Default)]
@@ -55,16 +61,16 @@ impl ChunkPublisher {
         Self {
             subject: live.subject(&id.run_id),
             live,
-            run_id: id.run_id.clone(),
+            run_id: Arc::from(id.run_id.as_str()),
             epoch: id.claim_epoch,
-            state: tokio::sync::Mutex::new(State::default()),
+            state: Arc::new(tokio::sync::Mutex::new(State::default())),
         }
     }
 
     fn headers(&self, kind: &str, seq: u64) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(header::KIND, kind);
-        h.insert(header::RUN, self.run_id.as_str());
+        h.insert(header::RUN, &*self.run_id);
         h.insert(header::EPOCH, self.epoch.to_string().as_str());
         h.insert(header::SEQ, seq.to_string().as_str());
         h.insert(
@@ -117,6 +123,9 @@ impl ChunkPublisher {
     async fn restart(&self, st: &mut State, republish: bool) -> Result<(), LiveError> {
         st.pending.clear();
         let stream = self.live.ensure_stream().await?;
+        // Publishes still buffered in the client from before an outage go out first, so the
+        // purge below removes them instead of their landing after it.
+        self.timed(self.live.client.flush()).await?;
         self.timed(stream.purge().filter(self.subject.clone()).into_future())
             .await?;
         st.started = true;
@@ -195,23 +204,50 @@ impl ChunkSink for ChunkPublisher {
 
     fn finish(&self, end: RunEnd) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let mut st = self.state.lock().await;
             let (kind, payload) = match &end {
                 RunEnd::Done(v) => ("done", v),
                 RunEnd::Failed(v) => ("failed", v),
                 RunEnd::Cancelled(v) => ("cancelled", v),
             };
             let body = Bytes::from(serde_json::to_vec(payload).unwrap_or_default());
-            let result = async {
-                self.settle(&mut st).await?;
-                self.publish(&mut st, kind, body).await?;
-                self.await_acks(&mut st).await
-            }
-            .await;
-            if let Err(e) = result {
-                // attachers fall back to the run's status and output in Postgres
-                tracing::warn!(run = %self.run_id, error = %e, "cannot publish the end of the live output");
+            if let Err(e) = self.publish_end(kind, body.clone()).await {
+                // Attachers meanwhile fall back to the run's status and output in Postgres; the
+                // output is republished whole, with its end, once NATS answers again.
+                tracing::warn!(run = %self.run_id, error = %e, "cannot publish the end of the live output; retrying in the background");
+                let me = self.clone();
+                self.live.spawn_repair(async move {
+                    let mut backoff = Duration::from_millis(500);
+                    let give_up = tokio::time::Instant::now() + END_REPAIR_PATIENCE;
+                    while tokio::time::Instant::now() < give_up {
+                        tokio::time::sleep(backoff).await;
+                        if me.publish_end(kind, body.clone()).await.is_ok() {
+                            tracing::info!(run = %me.run_id, "live output repaired");
+                            return;
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                    tracing::warn!(run = %me.run_id, "gave up republishing the live output; attachers get the end from Postgres");
+                });
             }
         })
+    }
+}
+
+impl ChunkPublisher {
+    /// Settles the output (repairing it if needed), then publishes the end and awaits its ack.
+    async fn publish_end(&self, kind: &str, body: Bytes) -> Result<(), LiveError> {
+        let mut st = self.state.lock().await;
+        let result = async {
+            self.settle(&mut st).await?;
+            self.publish(&mut st, kind, body).await?;
+            self.await_acks(&mut st).await
+        }
+        .await;
+        if let Err(e) = &result {
+            st.broken = true;
+            st.pending.clear();
+            tracing::debug!(run = %self.run_id, error = %e, "end not published");
+        }
+        result
     }
 }

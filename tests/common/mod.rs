@@ -3,6 +3,7 @@
 //! processes) and to wait on conditions with deadlines (never on sleeps).
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod process;
 
 use std::future::Future;

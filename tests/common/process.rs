@@ -62,6 +62,17 @@ impl SpoolProcess {
 
     /// Starts `serve` without waiting.
     pub fn spawn(bin: Binary, db: &TestDb, executor_id: &str, env: &[(&str, &str)]) -> Self {
+        Self::spawn_with_args(bin, db, executor_id, env, &[])
+    }
+
+    /// Starts `serve` with extra arguments, without waiting.
+    pub fn spawn_with_args(
+        bin: Binary,
+        db: &TestDb,
+        executor_id: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Self {
         let port = free_port();
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(&db.name);
         std::fs::create_dir_all(&dir).unwrap();
@@ -69,6 +80,7 @@ impl SpoolProcess {
         let file = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(bin.path());
         cmd.arg("serve")
+            .args(args)
             .env("DATABASE_URL", &db.url)
             .env("SPOOL_EXECUTOR_ID", executor_id)
             .env("SPOOL_LISTEN", format!("127.0.0.1:{port}"))
@@ -110,6 +122,23 @@ impl SpoolProcess {
                     .ok()
                     .flatten();
                 row.map(|_| ())
+            },
+        )
+        .await;
+    }
+
+    /// Waits until the HTTP API answers `/healthz`.
+    pub async fn wait_http(&self) {
+        let url = self.url("/healthz");
+        wait_until(
+            &format!("{url} to answer"),
+            Duration::from_secs(30),
+            || async {
+                reqwest::get(&url)
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(|_| ())
             },
         )
         .await;

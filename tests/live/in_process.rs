@@ -1,0 +1,201 @@
+//! Live-output tests that drive the publisher and the attach endpoint in process.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::json;
+use spool::api::{self, slow_clients::DeadlineListener, AppState, AttachLimits};
+use spool::executor::Metrics;
+use spool::live::attach::{self, AttachEvent};
+use spool::live::publisher::ChunkPublisher;
+use spool::live::{LiveOutput, LiveSettings};
+use spool::sse_client;
+use spool::workflow::{ChunkSink, RunEnd, RunIdentity};
+use spool::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::common::nats::NatsServer;
+use crate::common::{wait_until, TestDb};
+
+async fn live_output(db: &TestDb, nats: &NatsServer) -> Arc<LiveOutput> {
+    let mut settings = LiveSettings::new(nats.url());
+    settings.stream = format!("S_{}", db.name);
+    settings.subject_prefix = format!("out_{}", db.name);
+    let live = LiveOutput::connect(settings, CancellationToken::new())
+        .await
+        .unwrap();
+    wait_until("the stream to exist", Duration::from_secs(20), || async {
+        live.ensure_stream().await.ok().map(|_| ())
+    })
+    .await;
+    live
+}
+
+fn attempt(run_id: &str, epoch: i64) -> RunIdentity {
+    RunIdentity {
+        run_id: run_id.into(),
+        claim_epoch: epoch,
+        attempt: epoch as i32,
+    }
+}
+
+/// Reads a run's events through the attach producer until its end event.
+async fn attach_events(live: &Arc<LiveOutput>, db: &TestDb, run_id: &str) -> Vec<AttachEvent> {
+    let client = db.client().await;
+    let run = spool::db::runs::get_run(&client, run_id)
+        .await
+        .unwrap()
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(attach::produce(live.clone(), db.pool.clone(), run, 0, tx));
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(e) = rx.recv().await {
+            let end = e.is_end();
+            out.push(e);
+            if end {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("attach ends");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_publishers_chunks_never_appear_after_the_new_attempts_reset() {
+    let db = TestDb::new().await;
+    let nats = NatsServer::start().await;
+    let live = live_output(&db, &nats).await;
+    db.exec("insert into spool.runs (id, workflow, status, executor_id, claim_epoch, attempt) values ('z', 'ticker', 'running', 'e', 2, 2)").await;
+    let zombie = ChunkPublisher::new(live.clone(), &attempt("z", 1));
+    let current = ChunkPublisher::new(live.clone(), &attempt("z", 2));
+
+    zombie.emit("zombie-1".into()).await;
+    zombie.flush().await;
+    current.emit("tick-1".into()).await; // purge, reset, tick-1
+    zombie.emit("zombie-2".into()).await; // the zombie wakes up after the reset
+    zombie.flush().await;
+    current.emit("tick-2".into()).await;
+    current.flush().await;
+    db.exec("update spool.runs set status = 'succeeded', output = '{\"ticks\": 2}', finished_at = now() where id = 'z'").await;
+    current.finish(RunEnd::Done(json!({"ticks": 2}))).await;
+
+    // the zombie's late chunk really is on the subject, after the reset ...
+    let mut stream = live.ensure_stream().await.unwrap().clone();
+    let state = stream.info().await.unwrap().state.clone();
+    let mut on_subject = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            on_subject.push(String::from_utf8_lossy(&m.payload).into_owned());
+        }
+    }
+    assert!(
+        on_subject.contains(&"zombie-2".to_string()),
+        "{on_subject:?}"
+    );
+    // ... and no attacher is shown it
+    let events = attach_events(&live, &db, "z").await;
+    let kinds: Vec<(&str, &str)> = events.iter().map(|e| (e.kind, e.data.as_str())).collect();
+    assert_eq!(
+        kinds,
+        [
+            ("reset", ""),
+            ("chunk", "tick-1"),
+            ("chunk", "tick-2"),
+            ("done", "{\"ticks\":2}")
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_is_cut_off_and_resumes_with_its_last_event_id() {
+    let db = TestDb::new().await;
+    let nats = NatsServer::start().await;
+    let live = live_output(&db, &nats).await;
+    const N: usize = 3000;
+    db.exec("insert into spool.runs (id, workflow, status, executor_id, claim_epoch, attempt, output, finished_at) values ('s', 'ticker', 'succeeded', 'e', 1, 1, '\"big\"', now())").await;
+    let publisher = ChunkPublisher::new(live.clone(), &attempt("s", 1));
+    let pad = "x".repeat(8 * 1024);
+    for i in 0..N {
+        publisher.emit(format!("c{i}:{pad}")).await;
+    }
+    publisher.finish(RunEnd::Done(json!("big"))).await;
+
+    let metrics = Arc::new(Metrics::default());
+    let limits = Arc::new(AttachLimits::new(100, 10, Duration::from_secs(15)));
+    let state = AppState {
+        pool: db.pool.clone(),
+        registry: Registry::with_builtins(),
+        api_token: None,
+        metrics: metrics.clone(),
+        max_body_bytes: 1 << 20,
+        live: Some(live.clone()),
+        attach: limits.clone(),
+    };
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let listener = DeadlineListener::new(tcp, Duration::from_millis(300), metrics.clone());
+    tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
+
+    // A client with a tiny receive buffer reads a little, then stops reading.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut conn = socket.connect(addr).await.unwrap();
+    conn.write_all(b"GET /v1/runs/s/stream HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut received = vec![0u8; 64 * 1024];
+    conn.read_exact(&mut received).await.unwrap();
+    wait_until(
+        "the server to cut the slow client",
+        Duration::from_secs(60),
+        || async { (metrics.connections_cut.load(Ordering::Relaxed) >= 1).then_some(()) },
+    )
+    .await;
+    wait_until(
+        "the attacher to be released",
+        Duration::from_secs(10),
+        || async { (limits.current() == 0).then_some(()) },
+    )
+    .await;
+    // What was in flight to the client still arrives; then the connection ends.
+    let mut rest = Vec::new();
+    let _ = conn.read_to_end(&mut rest).await;
+    received.extend_from_slice(&rest);
+    let body_at = received.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let body: Vec<Result<Vec<u8>, sse_client::AttachError>> =
+        vec![Ok(received[body_at..].to_vec())];
+    let head: Vec<_> = sse_client::parse(futures::stream::iter(body))
+        .filter_map(|e| async { e.ok() })
+        .collect()
+        .await;
+    assert!(!head.is_empty());
+    assert!(
+        !head.iter().any(|e| e.is_end()),
+        "the slow client was cut before the end"
+    );
+    let last_id = head.last().unwrap().id.clone().expect("resumable id");
+
+    // It resumes where it was cut.
+    let tail = sse_client::attach(&format!("http://{addr}"), None, "s", Some(&last_id))
+        .await
+        .unwrap();
+    let tail: Vec<_> = Box::pin(tail).map(|e| e.unwrap()).collect().await;
+    let all: Vec<String> = head
+        .iter()
+        .chain(tail.iter())
+        .filter(|e| e.event == "chunk")
+        .map(|e| e.data.split(':').next().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        all,
+        (0..N).map(|i| format!("c{i}")).collect::<Vec<_>>(),
+        "every chunk exactly once"
+    );
+    assert_eq!(tail.last().unwrap().event, "done");
+}
