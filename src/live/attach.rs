@@ -2,8 +2,9 @@
 //! bounded channel (the client's buffer).
 //!
 //! Rules:
-//! - messages older than the run's claim epoch at attach time, or than the last `reset` seen,
-//!   are a superseded attempt's (a zombie's) and are dropped;
+//! - messages older than the run's claim epoch at attach time, or than the newest (epoch,
+//!   generation) seen, are a superseded attempt's (a zombie's) or a republished generation's,
+//!   and are dropped;
 //! - every event's id is the JetStream stream sequence of the message (synthetic events carry
 //!   the last sequence delivered), so `Last-Event-ID` resumes right after it;
 //! - when NATS is unavailable the client gets one `unavailable` event, then either the live
@@ -60,7 +61,7 @@ pub async fn produce(
         pool,
         run_id: run.id.clone(),
         last_seq: after,
-        epoch: run.claim_epoch,
+        current: (run.claim_epoch, 0),
         tx,
     };
     a.run(run).await;
@@ -72,8 +73,9 @@ struct Attacher {
     run_id: String,
     /// Stream sequence of the last message handed to the client (or skipped).
     last_seq: u64,
-    /// Messages of older epochs are dropped.
-    epoch: i64,
+    /// (claim epoch, output generation) of the newest output seen; older messages are a
+    /// superseded attempt's or a republished generation's, and are dropped.
+    current: (i64, u64),
     tx: mpsc::Sender<AttachEvent>,
 }
 
@@ -250,10 +252,14 @@ impl Attacher {
         let headers = message.headers.as_ref()?;
         let kind = headers.get(header::KIND)?.as_str();
         let epoch: i64 = headers.get(header::EPOCH)?.as_str().parse().ok()?;
-        if epoch < self.epoch {
+        let gen: u64 = headers
+            .get(header::GEN)
+            .and_then(|g| g.as_str().parse().ok())
+            .unwrap_or(0);
+        if (epoch, gen) < self.current {
             return None;
         }
-        self.epoch = epoch;
+        self.current = (epoch, gen);
         let kind = match kind {
             "chunk" => "chunk",
             "reset" => "reset",

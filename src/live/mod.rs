@@ -25,6 +25,8 @@ pub mod header {
     pub const RUN: &str = "Spool-Run";
     pub const EPOCH: &str = "Spool-Epoch";
     pub const SEQ: &str = "Spool-Seq";
+    /// Output generation within the attempt (raised by a republish).
+    pub const GEN: &str = "Spool-Gen";
 }
 
 /// Live-output settings.

@@ -49,6 +49,9 @@ struct State {
     started: bool,
     /// Sequence number of the last message published by this attempt (never reused).
     seq: u64,
+    /// Output generation within the attempt: raised by every republish (rewind, repair), so
+    /// attachers can drop messages of an earlier generation that arrive late.
+    gen: u64,
     pending: VecDeque<PublishAckFuture>,
     /// Every chunk of this attempt in order, for a rewind or a repair.
     chunks: Vec<String>,
@@ -67,12 +70,13 @@ impl ChunkPublisher {
         }
     }
 
-    fn headers(&self, kind: &str, seq: u64) -> HeaderMap {
+    fn headers(&self, kind: &str, seq: u64, gen: u64) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(header::KIND, kind);
         h.insert(header::RUN, &*self.run_id);
         h.insert(header::EPOCH, self.epoch.to_string().as_str());
         h.insert(header::SEQ, seq.to_string().as_str());
+        h.insert(header::GEN, gen.to_string().as_str());
         h.insert(
             async_nats::header::NATS_MESSAGE_ID,
             format!("{}:{}:{}", self.run_id, self.epoch, seq).as_str(),
@@ -95,7 +99,7 @@ impl ChunkPublisher {
     /// Sends one message; waits for the oldest ack when the window is full.
     async fn publish(&self, st: &mut State, kind: &str, payload: Bytes) -> Result<(), LiveError> {
         st.seq += 1;
-        let headers = self.headers(kind, st.seq);
+        let headers = self.headers(kind, st.seq, st.gen);
         let ack = self
             .timed(
                 self.live
@@ -111,15 +115,18 @@ impl ChunkPublisher {
         Ok(())
     }
 
-    async fn await_acks(&self, st: &mut State) -> Result<(), LiveError> {
+    /// Awaits every pending ack; returns the stream sequence of the last one (0 when none).
+    async fn await_acks(&self, st: &mut State) -> Result<u64, LiveError> {
+        let mut last = 0;
         while let Some(ack) = st.pending.pop_front() {
-            self.timed(ack.into_future()).await?;
+            last = self.timed(ack.into_future()).await?.sequence;
         }
-        Ok(())
+        Ok(last)
     }
 
     /// Purge the subject (awaited), then `reset` on a re-run. Old acks are dropped: whatever
-    /// they acknowledged is gone with the purge.
+    /// they acknowledged is gone with the purge. With `republish` (a rewind or a repair) the
+    /// output starts a new generation and every kept chunk is published again.
     async fn restart(&self, st: &mut State, republish: bool) -> Result<(), LiveError> {
         st.pending.clear();
         let stream = self.live.ensure_stream().await?;
@@ -130,7 +137,23 @@ impl ChunkPublisher {
             .await?;
         st.started = true;
         if self.epoch > 1 || republish {
+            if republish {
+                st.gen += 1;
+            }
             self.publish(st, "reset", Bytes::new()).await?;
+            let reset_at = self.await_acks(st).await?;
+            if republish {
+                // Stale publishes of the earlier generation that still landed between the purge
+                // and the reset go too; any landing later are dropped by attachers (generation).
+                self.timed(
+                    stream
+                        .purge()
+                        .filter(self.subject.clone())
+                        .sequence(reset_at)
+                        .into_future(),
+                )
+                .await?;
+            }
         }
         if republish {
             let chunks = st.chunks.clone();
@@ -158,7 +181,7 @@ impl ChunkPublisher {
             // nothing emitted by this attempt, but an earlier one may have: clear it
             self.restart(st, false).await?;
         }
-        self.await_acks(st).await
+        self.await_acks(st).await.map(|_| ())
     }
 }
 
@@ -240,7 +263,7 @@ impl ChunkPublisher {
         let result = async {
             self.settle(&mut st).await?;
             self.publish(&mut st, kind, body).await?;
-            self.await_acks(&mut st).await
+            self.await_acks(&mut st).await.map(|_| ())
         }
         .await;
         if let Err(e) = &result {

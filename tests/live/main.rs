@@ -114,7 +114,18 @@ async fn a_late_attacher_after_sigkill_and_restart_sees_every_tick_exactly_once(
     let env = live_env(&db, &nats);
     ticker(&db, "t", 30, 40, 5).await;
     let second = kill_mid_run_and_restart(&db, &env, "t", 2).await;
-    // attach right after the restart, while the run is replaying
+    // attach as soon as the restarted executor has re-claimed the run, while it replays
+    wait_until(
+        "the run to be re-claimed",
+        Duration::from_secs(30),
+        || async {
+            (db.scalar_i64("select claim_epoch from spool.runs where id = 't'")
+                .await
+                == 2)
+                .then_some(())
+        },
+    )
+    .await;
     let events = collect(&second.url(""), "t", None, 1000).await;
     assert_eq!(
         chunks(&events),
