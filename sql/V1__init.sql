@@ -191,6 +191,7 @@ comment on view spool.executor_liveness is 'Executors: alive means its lock conn
 
 create view spool.run_progress as
 select r.id,
+       r.enqueue_seq,
        r.workflow,
        r.status,
        r.queue,
@@ -223,6 +224,13 @@ select r.queue,
 comment on view spool.queue_depth is 'Unfinished runs per queue and concurrency key.';
 
 create view spool.unrunnable_runs as
+with live as (
+    select e.id, e.workflows, e.queues from spool.executor_liveness e where e.alive
+), stranded as (
+    -- running runs whose owner is not alive: they wait for it to restart
+    select r.* from spool.runs r
+     where r.status = 'running' and not exists (select 1 from live e where e.id = r.executor_id)
+)
 select r.id,
        r.workflow,
        r.queue,
@@ -230,15 +238,23 @@ select r.id,
        r.executor_id,
        case
            when r.status = 'running' then 'owner executor ' || r.executor_id || ' is not alive; it resumes the run when it restarts'
-           else 'no live executor runs workflow ' || r.workflow || ' on queue ' || r.queue
+           when not exists (select 1 from live e where r.workflow = any (e.workflows)
+                                                   and (e.queues is null or r.queue = any (e.queues)))
+               then 'no live executor runs workflow ' || r.workflow || ' on queue ' || r.queue
+           else 'waits behind run ' || (select s.id from stranded s
+                                          where s.queue = r.queue and s.concurrency_key = r.concurrency_key
+                                          order by s.enqueue_seq limit 1)
+                || ' (same concurrency key), whose owner is not alive'
        end as reason,
        r.created_at
   from spool.runs r
- where (r.status = 'queued' and not exists (
-            select 1 from spool.executor_liveness e
-             where e.alive and r.workflow = any (e.workflows)
+ where r.id in (select id from stranded)
+    or (r.status = 'queued' and not exists (
+            select 1 from live e
+             where r.workflow = any (e.workflows)
                and (e.queues is null or r.queue = any (e.queues))))
-    or (r.status = 'running' and not exists (
-            select 1 from spool.executor_liveness e where e.alive and e.id = r.executor_id));
+    or (r.status = 'queued' and r.concurrency_key is not null and exists (
+            select 1 from stranded s
+             where s.queue = r.queue and s.concurrency_key = r.concurrency_key));
 
 comment on view spool.unrunnable_runs is 'Unfinished runs that no live executor can execute right now, with the reason.';

@@ -291,6 +291,7 @@ impl ControlLoop {
                         .claimed
                         .fetch_add(got as u64, Ordering::Relaxed);
                     for run in runs {
+                        tracing::debug!(run = %run.id, workflow = %run.workflow, attempt = run.attempt, "claimed");
                         self.spawn(run);
                     }
                     if got < want {
@@ -321,8 +322,8 @@ impl ControlLoop {
         .await;
         match recovered {
             Ok(runs) => {
-                if !runs.is_empty() {
-                    tracing::info!(count = runs.len(), "recovered owned runs; replaying them");
+                for run in &runs {
+                    tracing::info!(run = %run.id, attempt = run.attempt, "recovered an owned run; replaying it");
                 }
                 self.deps
                     .metrics
@@ -442,6 +443,7 @@ impl ControlLoop {
         if let Err(e) = self.lock.mark_stopped().await {
             tracing::warn!(error = %e, "cannot mark the executor stopped");
         }
+        tracing::info!("drained; executor stopped");
     }
 }
 
