@@ -26,3 +26,7 @@ dev-db:
 # Stop the private PostgreSQL started by dev-db
 dev-db-stop:
     scripts/pg.sh stop target/dev-pg
+
+# Chaos: runs across 3 executors SIGKILLed and restarted at random (seeded); prints the figures
+chaos runs="1000" kills="50" seed="1":
+    CHAOS_RUNS={{runs}} CHAOS_KILLS={{kills}} CHAOS_SEED={{seed}} scripts/test.sh --test faults --run-ignored ignored-only --no-capture chaos_full

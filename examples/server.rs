@@ -5,6 +5,10 @@
 //! to `example_ledger` (created at start), keyed by the step's idempotency key. After a crash,
 //! the ledger shows that finished steps were not executed again.
 //!
+//! `ledger_ticker` is `ticker` whose every step execution also appends a row to
+//! `example_step_ledger` (run, key, step number, attempt, executor, time): the oracle of the fault
+//! tests and of `just chaos`, written by the steps themselves, outside Spool's schema.
+//!
 //! `abort` kills the whole process on every attempt; it exists to show (and test) that such a
 //! poison run ends `dead` after `max_attempts` instead of crash-looping forever.
 //!
@@ -91,6 +95,70 @@ async fn order(
     })
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LedgerTickerInput {
+    #[serde(default = "five")]
+    count: u32,
+    #[serde(default)]
+    interval_ms: u64,
+    #[serde(default = "one")]
+    steps: u32,
+    /// Copied into the ledger so per-key order can be checked.
+    #[serde(default)]
+    key: Option<String>,
+}
+
+fn five() -> u32 {
+    5
+}
+fn one() -> u32 {
+    1
+}
+
+async fn ledger_ticker(
+    ctx: RunContext,
+    input: LedgerTickerInput,
+    ledger: Ledger,
+) -> Result<Value, WorkflowError> {
+    let executor = std::env::var("SPOOL_EXECUTOR_ID").unwrap_or_default();
+    let steps = input.steps.clamp(1, input.count.max(1));
+    let per = input.count.div_ceil(steps);
+    for s in 0..steps {
+        let first = s * per + 1;
+        let last = ((s + 1) * per).min(input.count);
+        let (ledger, key, executor, ctx2) = (
+            ledger.clone(),
+            input.key.clone(),
+            executor.clone(),
+            ctx.clone(),
+        );
+        ctx.step(&format!("ticks-{first}-{last}"), move |step| {
+            let (ledger, key, executor, ctx) = (ledger.clone(), key.clone(), executor.clone(), ctx2.clone());
+            async move {
+                let client = ledger.pool.get().await.map_err(|e| StepError::retryable(e.to_string()))?;
+                client
+                    .execute(
+                        "insert into example_step_ledger (run_id, key, step, attempt, executor) values ($1, $2, $3, $4, $5)",
+                        &[&step.run_id, &key, &step.step, &step.attempt, &executor],
+                    )
+                    .await
+                    .map_err(|e| StepError::retryable(e.to_string()))?;
+                drop(client);
+                for tick in first..=last {
+                    if tick > 1 && input.interval_ms > 0 {
+                        tokio::time::sleep(Duration::from_millis(input.interval_ms)).await;
+                    }
+                    ctx.emit(format!("tick-{tick}")).await;
+                }
+                Ok::<_, StepError>(last)
+            }
+        })
+        .await?;
+    }
+    Ok(serde_json::json!({"ticks": input.count}))
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let mut registry = Registry::with_builtins();
@@ -112,14 +180,29 @@ async fn main() -> ExitCode {
                                  run_id text not null,
                                  step text not null,
                                  idempotency_key text not null,
+                                 executed_at timestamptz not null default clock_timestamp());
+                             create table if not exists example_step_ledger (
+                                 id bigserial primary key,
+                                 run_id text not null,
+                                 key text,
+                                 step int not null,
+                                 attempt int not null,
+                                 executor text not null,
                                  executed_at timestamptz not null default clock_timestamp())",
                         )
                         .await;
                 }
                 let ledger = Ledger { pool };
+                let l2 = ledger.clone();
                 registry.register("order", move |ctx: RunContext, input: OrderInput| {
                     order(ctx, input, ledger.clone())
                 });
+                registry.register(
+                    "ledger_ticker",
+                    move |ctx: RunContext, input: LedgerTickerInput| {
+                        ledger_ticker(ctx, input, l2.clone())
+                    },
+                );
             }
             Err(e) => eprintln!("example server: bad DATABASE_URL: {e}"),
         }

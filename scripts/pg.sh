@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Private PostgreSQL cluster for tests, demos and benchmarks.
 #
-#   scripts/pg.sh start DIR   initdb (once) and start a cluster in DIR on a free port;
-#                             prints the port on stdout
+#   scripts/pg.sh start DIR [PORT]  initdb (once) and start a cluster in DIR on a free port (or
+#                             PORT: restart tests reuse it); prints the port on stdout
 #   scripts/pg.sh stop DIR    stop it (immediate) and remove DIR
 #   scripts/pg.sh kill DIR    stop it (immediate) and keep DIR (for restart tests)
 #
@@ -57,9 +57,13 @@ start)
     as_owner "$initdb" -D "$dir/data" -U postgres --auth=trust --no-sync -E UTF8 --locale=C >"$dir/initdb.log" 2>&1 \
       || { cat "$dir/initdb.log" >&2; exit 1; }
   fi
-  port=$(python3 "$here/free_port.py")
+  port=${3:-$(python3 "$here/free_port.py")}
+  # Throwaway clusters skip durability for speed; SPOOL_PG_DURABLE=1 keeps it (crash tests that
+  # stop the server with -m immediate and expect every commit back; benchmarks).
+  durability="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+  if [ "${SPOOL_PG_DURABLE:-0}" = 1 ]; then durability=""; fi
   as_owner "$pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400 -c shared_buffers=256MB" \
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 $durability -c max_connections=400 -c shared_buffers=256MB" \
     start >&2 || { cat "$dir/server.log" >&2; exit 1; }
   echo "$port" >"$dir/port"
   echo "$port"

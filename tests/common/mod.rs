@@ -62,6 +62,29 @@ impl TestDb {
         }
     }
 
+    /// A new, migrated database on another server (a private cluster a test restarts).
+    pub async fn on_server(base: &str) -> Self {
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let admin = PgTarget::parse(&format!("{base}/postgres?sslmode=disable")).unwrap();
+        let conn = db::connect_dedicated(&admin, "spool-test-admin", None)
+            .await
+            .unwrap();
+        conn.client
+            .batch_execute(&format!("create database {name}"))
+            .await
+            .unwrap();
+        let url = format!("{base}/{name}?sslmode=disable");
+        let target = PgTarget::parse(&url).unwrap();
+        spool::migrate::migrate(&target).await.unwrap();
+        let pool = db::pool(&target, 24, "spool-test");
+        Self {
+            name,
+            url,
+            target,
+            pool,
+        }
+    }
+
     pub async fn client(&self) -> deadpool_postgres::Client {
         self.pool.get().await.expect("test pool")
     }
