@@ -20,6 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use spool::db::{self, PgTarget};
+use spool::workflow::RetryPolicy;
 use spool::{Registry, RunContext, StepError, StepInfo, WorkflowError};
 
 #[derive(Debug, Deserialize)]
@@ -133,7 +134,13 @@ async fn ledger_ticker(
             executor.clone(),
             ctx.clone(),
         );
-        ctx.step(&format!("ticks-{first}-{last}"), move |step| {
+        // patient retries: the ledger write must survive a database restart
+        let patient = RetryPolicy {
+            max_retries: 60,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(500),
+        };
+        ctx.step_with(&format!("ticks-{first}-{last}"), patient, move |step| {
             let (ledger, key, executor, ctx) = (ledger.clone(), key.clone(), executor.clone(), ctx2.clone());
             async move {
                 let client = ledger.pool.get().await.map_err(|e| StepError::retryable(e.to_string()))?;

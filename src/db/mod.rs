@@ -30,6 +30,9 @@ pub enum DbError {
     Constraint { constraint: String, message: String },
     #[error("no database connection available: {0}")]
     Pool(String),
+    /// A batched statement failed; every write in the batch gets this.
+    #[error("batched write failed: {0}")]
+    Batch(String),
     #[error("database error: {0}")]
     Postgres(#[from] tokio_postgres::Error),
 }
@@ -84,6 +87,26 @@ fn pg_is_connectivity(e: &tokio_postgres::Error) -> bool {
         source = s.source();
     }
     false
+}
+
+/// Retries `op` while its error is about connectivity, with backoff, for up to `patience`.
+pub async fn with_patience<T, F, Fut>(patience: Duration, mut op: F) -> Result<T, DbError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, DbError>>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match op().await {
+            Err(e) if e.is_connectivity() && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "database unreachable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Builds the shared connection pool.

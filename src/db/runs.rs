@@ -398,3 +398,54 @@ pub async fn cancel_run(client: &impl Conn, id: &str) -> Result<Option<Run>, DbE
     }
     get_run(client, id).await
 }
+
+/// One terminal transition to record in a batch (see [`finish_many_if_owned`]).
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub id: String,
+    pub claim_epoch: i64,
+    pub outcome: Outcome,
+    pub output: Option<Value>,
+    pub error: Option<Value>,
+}
+
+/// Ends many runs in one statement, each exactly as [`finish_if_owned`]. Returns, in input
+/// order, whether each run was finished or lost.
+pub async fn finish_many_if_owned(
+    client: &impl Conn,
+    finishes: &[Finish],
+) -> Result<Vec<Result<(), DbError>>, DbError> {
+    let stmt = client
+        .stmt(
+            "update spool.runs r
+                set status = b.status, output = b.output, error = b.error,
+                    finished_at = now(), updated_at = now()
+               from unnest($1::text[], $2::int8[], $3::text[], $4::jsonb[], $5::jsonb[])
+                    as b(id, epoch, status, output, error)
+              where r.id = b.id and r.claim_epoch = b.epoch and r.status = 'running'
+             returning r.id",
+        )
+        .await
+        .map_err(DbError::from_pg)?;
+    let ids: Vec<&str> = finishes.iter().map(|f| f.id.as_str()).collect();
+    let epochs: Vec<i64> = finishes.iter().map(|f| f.claim_epoch).collect();
+    let statuses: Vec<&str> = finishes.iter().map(|f| f.outcome.as_str()).collect();
+    let outputs: Vec<Option<&Value>> = finishes.iter().map(|f| f.output.as_ref()).collect();
+    let errors: Vec<Option<&Value>> = finishes.iter().map(|f| f.error.as_ref()).collect();
+    let rows = client
+        .pg()
+        .query(&stmt, &[&ids, &epochs, &statuses, &outputs, &errors])
+        .await
+        .map_err(DbError::from_pg)?;
+    let done: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+    Ok(finishes
+        .iter()
+        .map(|f| {
+            if done.contains(&f.id) {
+                Ok(())
+            } else {
+                Err(DbError::Lost(f.id.clone()))
+            }
+        })
+        .collect())
+}

@@ -126,3 +126,95 @@ pub async fn record_step_if_owned(
         _ => Err(DbError::Lost(run_id.to_string())),
     }
 }
+
+/// One step to record in a batch (see [`record_steps_if_owned`]).
+#[derive(Debug, Clone)]
+pub struct StepWrite {
+    pub run_id: String,
+    pub claim_epoch: i64,
+    pub step: i32,
+    pub name: String,
+    pub output: Option<Value>,
+    pub error: Option<Value>,
+    pub chunks: Vec<String>,
+    pub started_at: DateTime<Utc>,
+}
+
+/// Records many steps (of different runs) in one statement, each fenced by its run's claim
+/// epoch exactly as [`record_step_if_owned`]. Returns, in input order, whether each was
+/// recorded (with the run's cancel flag) or lost.
+pub async fn record_steps_if_owned(
+    client: &impl Conn,
+    writes: &[StepWrite],
+) -> Result<Vec<Result<StepRecorded, DbError>>, DbError> {
+    let stmt = client
+        .stmt(
+            "with b as (
+                select * from unnest($1::text[], $2::int8[], $3::int4[], $4::text[], $5::jsonb[],
+                                     $6::jsonb[], $7::timestamptz[], $8::jsonb[])
+                       as b(run_id, epoch, step, name, output, error, started_at, chunks)
+             ), owner as (
+                select r.cancel_requested, b.* from spool.runs r join b on b.run_id = r.id
+                 where r.claim_epoch = b.epoch and r.status = 'running'
+                 for share of r
+             ), ins as (
+                insert into spool.operation_outputs
+                       (run_id, step, name, output, error, claim_epoch, started_at, chunks)
+                select o.run_id, o.step, o.name, o.output, o.error, o.epoch, o.started_at,
+                       array(select jsonb_array_elements_text(o.chunks))
+                  from owner o
+                on conflict (run_id, step) do nothing
+                returning run_id, step
+             )
+             select o.run_id, o.step, o.cancel_requested,
+                    exists (select 1 from ins i where i.run_id = o.run_id and i.step = o.step)
+                    or exists (select 1 from spool.operation_outputs p
+                                where p.run_id = o.run_id and p.step = o.step
+                                  and p.claim_epoch = o.epoch and p.name = o.name)
+               from owner o",
+        )
+        .await
+        .map_err(DbError::from_pg)?;
+    let ids: Vec<&str> = writes.iter().map(|w| w.run_id.as_str()).collect();
+    let epochs: Vec<i64> = writes.iter().map(|w| w.claim_epoch).collect();
+    let steps: Vec<i32> = writes.iter().map(|w| w.step).collect();
+    let names: Vec<&str> = writes.iter().map(|w| w.name.as_str()).collect();
+    let outputs: Vec<Option<&Value>> = writes.iter().map(|w| w.output.as_ref()).collect();
+    let errors: Vec<Option<&Value>> = writes.iter().map(|w| w.error.as_ref()).collect();
+    let started: Vec<DateTime<Utc>> = writes.iter().map(|w| w.started_at).collect();
+    let chunks: Vec<Value> = writes
+        .iter()
+        .map(|w| Value::from(w.chunks.clone()))
+        .collect();
+    let rows = client
+        .pg()
+        .query(
+            &stmt,
+            &[
+                &ids, &epochs, &steps, &names, &outputs, &errors, &started, &chunks,
+            ],
+        )
+        .await
+        .map_err(DbError::from_pg)?;
+    let mut recorded = std::collections::HashMap::with_capacity(rows.len());
+    for row in rows {
+        if row.get::<_, bool>(3) {
+            let key: (String, i32) = (row.get(0), row.get(1));
+            recorded.insert(
+                key,
+                StepRecorded {
+                    cancel_requested: row.get(2),
+                },
+            );
+        }
+    }
+    Ok(writes
+        .iter()
+        .map(|w| {
+            recorded
+                .get(&(w.run_id.clone(), w.step))
+                .copied()
+                .ok_or_else(|| DbError::Lost(w.run_id.clone()))
+        })
+        .collect())
+}

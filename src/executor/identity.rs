@@ -58,7 +58,11 @@ impl ExecutorLock {
         workflows: &[String],
         queues: Option<&[String]>,
     ) -> Result<(), IdentityError> {
-        let conn = lock_connection(target, &self.executor_id).await?;
+        let conn = match lock_connection(target, &self.executor_id).await {
+            // someone else holds the id now: this process was taken over
+            Err(IdentityError::InUse(id)) => return Err(IdentityError::Superseded(id)),
+            other => other?,
+        };
         let kept = executors::register_incarnation(
             &conn.client,
             &self.executor_id,

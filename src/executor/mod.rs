@@ -9,6 +9,7 @@
 //! Architecture invariant: the executor never runs workflow code inside the loop and never holds
 //! a pooled connection across an await that is not a database call.
 
+pub mod batcher;
 pub mod identity;
 pub mod metrics;
 pub mod runner;
@@ -152,12 +153,14 @@ pub async fn start(
     let incarnation = lock.incarnation;
     tracing::info!(executor = %settings.executor_id, incarnation, "executor id acquired");
     let stop = CancellationToken::new();
+    let (writes, write_tasks) = batcher::Writes::start(pool.clone(), settings.db_patience);
     let deps = Arc::new(runner::RunnerDeps {
         pool: pool.clone(),
         registry,
         chunks,
         metrics,
         executor_id: settings.executor_id.clone(),
+        writes,
         db_patience: settings.db_patience,
     });
     let control = ControlLoop {
@@ -170,6 +173,7 @@ pub async fn start(
         tasks: JoinSet::new(),
         in_flight: HashMap::new(),
         wake: Arc::new(Notify::new()),
+        _write_tasks: write_tasks.map(AbortOnDrop),
     };
     let task = tokio::spawn(control.run(stop.clone()));
     Ok(RunningExecutor {
@@ -192,6 +196,8 @@ struct ControlLoop {
     /// Run id → (claim epoch, task) for every run this process is executing.
     in_flight: HashMap<String, (i64, AbortHandle)>,
     wake: Arc<Notify>,
+    /// The batched-write tasks; they end with the loop (after the drain).
+    _write_tasks: [AbortOnDrop<()>; 2],
 }
 
 impl ControlLoop {

@@ -12,9 +12,9 @@ use deadpool_postgres::Pool;
 use futures::FutureExt;
 use serde_json::{json, Value};
 
-use crate::db::runs::{self, Outcome, Run};
+use super::batcher::Writes;
+use crate::db::runs::{Finish, Outcome, Run};
 use crate::db::{self, DbError};
-use crate::workflow::with_db_patience;
 use crate::workflow::{
     ChunkSink, DiscardChunks, Registry, RunContext, RunEnd, RunIdentity, WorkflowError,
 };
@@ -35,7 +35,9 @@ pub struct RunnerDeps {
     pub chunks: ChunkSinkFactory,
     pub metrics: Arc<Metrics>,
     pub executor_id: String,
-    /// How long terminal writes keep retrying while the database is unreachable.
+    /// Batched, fenced step records and terminal transitions.
+    pub writes: Writes,
+    /// How long reads keep retrying while the database is unreachable.
     pub db_patience: Duration,
 }
 
@@ -54,23 +56,21 @@ pub async fn execute(run: Run, deps: Arc<RunnerDeps>) {
     };
     // every chunk acknowledged before the end is committed ...
     sink.flush().await;
-    let finish = with_db_patience(deps.db_patience, || async {
-        let client = deps.pool.get().await?;
-        runs::finish_if_owned(
-            &client,
-            &id,
-            epoch,
+    let finish = deps
+        .writes
+        .finishes
+        .submit(Finish {
+            id: id.clone(),
+            claim_epoch: epoch,
             outcome,
-            output.as_ref(),
-            error.as_ref(),
-        )
-        .await
-    })
-    .await;
+            output: output.clone(),
+            error: error.clone(),
+        })
+        .await;
     match finish {
         Ok(()) => {
             deps.metrics.finished(outcome);
-            tracing::info!(run = %id, status = outcome.as_str(), "run finished");
+            tracing::debug!(run = %id, status = outcome.as_str(), "run finished");
             // ... and the end event published only after it is committed
             let payload = output.or(error).unwrap_or(Value::Null);
             sink.finish(match outcome {
@@ -123,11 +123,16 @@ async fn decide(run: Run, deps: &RunnerDeps, sink: Arc<dyn ChunkSink>) -> Option
             Some(json!({"code": "unknown_workflow", "message": message})),
         ));
     };
-    let memo = with_db_patience(deps.db_patience, || async {
-        let client = deps.pool.get().await?;
-        db::steps::load_steps(&client, &run.id).await
-    })
-    .await;
+    // The first claim of a run (epoch 1) cannot have memoized steps: skip the read.
+    let memo = if run.claim_epoch == 1 {
+        Ok(Vec::new())
+    } else {
+        db::with_patience(deps.db_patience, || async {
+            let client = deps.pool.get().await?;
+            db::steps::load_steps(&client, &run.id).await
+        })
+        .await
+    };
     let memo = match memo {
         Ok(m) => m,
         Err(e) => {
@@ -142,7 +147,7 @@ async fn decide(run: Run, deps: &RunnerDeps, sink: Arc<dyn ChunkSink>) -> Option
     };
     let ctx = RunContext::new(
         identity,
-        deps.pool.clone(),
+        deps.writes.steps.clone(),
         memo,
         run.cancel_requested,
         sink,

@@ -61,6 +61,7 @@ pub async fn produce(
         pool,
         run_id: run.id.clone(),
         last_seq: after,
+        fresh: after == 0,
         current: (run.claim_epoch, 0),
         tx,
     };
@@ -73,6 +74,9 @@ struct Attacher {
     run_id: String,
     /// Stream sequence of the last message handed to the client (or skipped).
     last_seq: u64,
+    /// The client has no output yet (no Last-Event-ID, nothing sent): a `reset` means nothing
+    /// to it and is not sent.
+    fresh: bool,
     /// (claim epoch, output generation) of the newest output seen; older messages are a
     /// superseded attempt's or a republished generation's, and are dropped.
     current: (i64, u64),
@@ -218,6 +222,10 @@ impl Attacher {
                     }
                     self.last_seq = seq;
                     let Some(event) = self.event_of(seq, &message) else { continue };
+                    if event.kind == "reset" && self.fresh {
+                        continue;
+                    }
+                    self.fresh = false;
                     let end = event.is_end();
                     if self.tx.send(event).await.is_err() || end {
                         return Next::Done;

@@ -11,15 +11,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use deadpool_postgres::Pool;
 use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{StepError, WorkflowError};
-use crate::db::steps::{FinishedStep, StepRecord};
-use crate::db::{self, DbError};
+use crate::db::steps::{FinishedStep, StepRecord, StepRecorded, StepWrite};
+use crate::executor::batcher::Batcher;
 
 /// Which attempt of which run a context belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,7 +128,8 @@ pub struct RunContext {
 
 struct Inner {
     identity: RunIdentity,
-    pool: Pool,
+    /// Where finished steps are recorded (the executor's batched, fenced step writes).
+    steps: Batcher<StepWrite, StepRecorded>,
     /// Steps recorded by earlier attempts, by number.
     memo: BTreeMap<i32, StepRecord>,
     /// Number of the last step asked for.
@@ -141,14 +141,12 @@ struct Inner {
     emitted: AtomicUsize,
     /// Chunks of the step in flight, recorded with its output.
     step_chunks: Mutex<Option<Vec<String>>>,
-    /// How long a step write keeps retrying while the database is unreachable.
-    db_patience: Duration,
 }
 
 impl RunContext {
     pub fn new(
         identity: RunIdentity,
-        pool: Pool,
+        steps: Batcher<StepWrite, StepRecorded>,
         memo: Vec<StepRecord>,
         cancel_requested: bool,
         chunks: Arc<dyn ChunkSink>,
@@ -156,14 +154,13 @@ impl RunContext {
         Self {
             inner: Arc::new(Inner {
                 identity,
-                pool,
+                steps,
                 memo: memo.into_iter().map(|s| (s.step, s)).collect(),
                 step_counter: AtomicI32::new(0),
                 cancel_requested: AtomicBool::new(cancel_requested),
                 chunks,
                 emitted: AtomicUsize::new(0),
                 step_chunks: Mutex::new(None),
-                db_patience: Duration::from_secs(120),
             }),
         }
     }
@@ -310,15 +307,24 @@ impl RunContext {
         }
     }
 
-    /// Records a step, retrying while the database is unreachable (a write that committed but
-    /// whose reply was lost is recognised on retry as ours).
+    /// Records a step through the executor's batched writes (which retry while the database is
+    /// unreachable, and recognise a retried write that had committed as ours).
     async fn record(&self, step: FinishedStep<'_>) -> Result<(), WorkflowError> {
         let id = &self.inner.identity;
-        let recorded = with_db_patience(self.inner.db_patience, || async {
-            let client = self.inner.pool.get().await?;
-            db::steps::record_step_if_owned(&client, &id.run_id, id.claim_epoch, step).await
-        })
-        .await?;
+        let recorded = self
+            .inner
+            .steps
+            .submit(StepWrite {
+                run_id: id.run_id.clone(),
+                claim_epoch: id.claim_epoch,
+                step: step.step,
+                name: step.name.to_string(),
+                output: step.output.cloned(),
+                error: step.error.cloned(),
+                chunks: step.chunks.to_vec(),
+                started_at: step.started_at,
+            })
+            .await?;
         if recorded.cancel_requested {
             self.inner.cancel_requested.store(true, Ordering::Relaxed);
         }
@@ -354,25 +360,5 @@ fn replayed<T: DeserializeOwned>(
                 .unwrap_or("recorded error")
                 .to_string(),
         }),
-    }
-}
-
-/// Retries `op` while its error is about connectivity, with backoff, for up to `patience`.
-pub(crate) async fn with_db_patience<T, F, Fut>(patience: Duration, mut op: F) -> Result<T, DbError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, DbError>>,
-{
-    let deadline = tokio::time::Instant::now() + patience;
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        match op().await {
-            Err(e) if e.is_connectivity() && tokio::time::Instant::now() < deadline => {
-                tracing::warn!(error = %e, "database unreachable; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-            other => return other,
-        }
     }
 }

@@ -18,7 +18,6 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 pub use builtin::{TickerInput, NOOP, TICKER};
-pub(crate) use context::with_db_patience;
 pub use context::{
     ChunkSink, DiscardChunks, RetryPolicy, RunContext, RunEnd, RunIdentity, StepInfo,
 };

@@ -33,6 +33,27 @@ impl Figures {
 
 /// Computes the database figures for the runs matching `filter` (an SQL condition on `r`).
 pub async fn figures(db: &TestDb, filter: &str) -> Figures {
+    for row in db
+        .client()
+        .await
+        .query(
+            &format!("select r.id, r.status, r.attempt, r.error::text from spool.runs r where ({filter}) and r.status <> 'succeeded' limit 5"),
+            &[],
+        )
+        .await
+        .unwrap()
+    {
+        let (id, status, attempt, error): (String, String, i32, Option<String>) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        eprintln!("not succeeded: {id} {status} attempt {attempt}: {}", error.unwrap_or_default());
+        for l in db.client().await.query("select executor, attempt, step, executed_at::text from example_step_ledger where run_id = $1 order by id", &[&id]).await.unwrap() {
+            let (e, a, st, at): (String, i32, i32, String) = (l.get(0), l.get(1), l.get(2), l.get(3));
+            eprintln!("   ledger: {e} attempt {a} step {st} at {at}");
+        }
+        for l in db.client().await.query("select step, claim_epoch, finished_at::text from spool.operation_outputs where run_id = $1 order by step", &[&id]).await.unwrap() {
+            let (st, ep, at): (i32, i64, String) = (l.get(0), l.get(1), l.get(2));
+            eprintln!("   memo: step {st} epoch {ep} at {at}");
+        }
+    }
     let q = |sql: String| async move { db.scalar_i64(&sql).await };
     Figures {
         lost: q(format!("select count(*) from spool.runs r where ({filter}) and r.status <> 'succeeded'")).await,
