@@ -1,7 +1,7 @@
 use chrono::Utc;
 use serde_json::json;
-use spool::db::runs::{self, Claimant, Outcome};
-use spool::db::steps::{self, FinishedStep};
+use spool::db::runs::{self, Claimant, Finish, Outcome};
+use spool::db::steps::{self, FinishedStep, StepWrite};
 use spool::db::DbError;
 
 use crate::common::TestDb;
@@ -118,5 +118,68 @@ async fn a_superseded_incarnation_cannot_recover_runs() {
             .unwrap()
             .len(),
         1
+    );
+}
+
+#[tokio::test]
+async fn batched_writes_fence_each_run_by_its_own_claim_epoch() {
+    let db = TestDb::new().await;
+    db.exec(
+        "insert into spool.runs (id, workflow, status, executor_id, claim_epoch, attempt)
+              values ('cur', 'noop', 'running', 'e', 3, 3), ('old', 'noop', 'running', 'e', 5, 5)",
+    )
+    .await;
+    let client = db.client().await;
+    let write = |run: &str, epoch: i64| StepWrite {
+        run_id: run.into(),
+        claim_epoch: epoch,
+        step: 1,
+        name: "s".into(),
+        output: Some(json!(1)),
+        error: None,
+        chunks: vec!["c".into()],
+        started_at: Utc::now(),
+    };
+    // one batch: the current owner of 'cur' and a stale writer of 'old' (epoch 4 < 5)
+    let results = steps::record_steps_if_owned(&client, &[write("cur", 3), write("old", 4)])
+        .await
+        .unwrap();
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    assert!(
+        matches!(results[1], Err(DbError::Lost(_))),
+        "{:?}",
+        results[1]
+    );
+    assert_eq!(
+        db.scalar_i64("select count(*) from spool.operation_outputs where run_id = 'old'")
+            .await,
+        0
+    );
+    // the same write retried (its reply was lost) is recognised as ours
+    let again = steps::record_steps_if_owned(&client, &[write("cur", 3)])
+        .await
+        .unwrap();
+    assert!(again[0].is_ok());
+
+    let finish = |id: &str, epoch: i64| Finish {
+        id: id.into(),
+        claim_epoch: epoch,
+        outcome: Outcome::Succeeded,
+        output: Some(json!("ok")),
+        error: None,
+    };
+    let results = runs::finish_many_if_owned(&client, &[finish("cur", 3), finish("old", 4)])
+        .await
+        .unwrap();
+    assert!(results[0].is_ok());
+    assert!(matches!(results[1], Err(DbError::Lost(_))));
+    assert_eq!(db.status("cur").await, "succeeded");
+    assert_eq!(db.status("old").await, "running");
+    let twice = runs::finish_many_if_owned(&client, &[finish("cur", 3)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(twice[0], Err(DbError::Lost(_))),
+        "one terminal transition only"
     );
 }
