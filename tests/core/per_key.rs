@@ -37,7 +37,8 @@ fn keyed_registry(pool: Pool) -> Registry {
                 let (pool, input) = (pool.clone(), &input);
                 async move {
                     log(&pool, input, "start").await;
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    // the step's work: long enough for a second claimer to try the same key
+                    pool.get().await.unwrap().execute("select pg_sleep(0.002)", &[]).await.unwrap();
                     log(&pool, input, "end").await;
                     Ok::<_, StepError>(())
                 }
