@@ -248,6 +248,11 @@ impl ControlLoop {
                 }
                 Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     self.reap(done);
+                    // reap everything else that finished meanwhile, so the next claim asks
+                    // for all the free slots at once
+                    while let Some(done) = self.tasks.try_join_next() {
+                        self.reap(done);
+                    }
                 }
                 _ = self.wake.notified() => {
                     catch_up = Some(Instant::now() + Duration::from_millis(10));
@@ -267,14 +272,21 @@ impl ControlLoop {
         Ok(())
     }
 
-    /// Claims as many runs as there are free slots, in batches.
+    /// Claims as many runs as there are free slots, in batches. While busy, it waits until a
+    /// quarter of the slots are free, so one claim statement serves many runs instead of one
+    /// claim per finished run; an idle executor claims at once.
     async fn fill_slots(&mut self) {
+        let threshold = if self.in_flight.is_empty() {
+            1
+        } else {
+            (self.settings.concurrency / 4).max(1)
+        };
         loop {
             let free = self
                 .settings
                 .concurrency
                 .saturating_sub(self.in_flight.len());
-            if free == 0 {
+            if free < threshold || free == 0 {
                 return;
             }
             let want = free.min(self.settings.claim_batch);

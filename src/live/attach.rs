@@ -146,6 +146,25 @@ impl Attacher {
         }
     }
 
+    /// True when nothing on the subject is newer than what this client was handed (a slow
+    /// client still has messages coming, and must get them before any synthetic end).
+    async fn caught_up(&self) -> bool {
+        let Ok(stream) = self.live.ensure_stream().await else {
+            return false;
+        };
+        let subject = self.live.subject(&self.run_id);
+        match tokio::time::timeout(
+            self.live.settings.op_timeout,
+            stream.get_last_raw_message_by_subject(&subject),
+        )
+        .await
+        {
+            Ok(Ok(last)) => last.sequence <= self.last_seq,
+            Ok(Err(e)) => matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound),
+            Err(_) => false,
+        }
+    }
+
     async fn finished_run(&self) -> Option<Run> {
         let client = self.pool.get().await.ok()?;
         runs::get_run(&client, &self.run_id)
@@ -240,8 +259,11 @@ impl Attacher {
                     }
                     if let Some(run) = self.finished_run().await {
                         let since = *finished_seen.get_or_insert_with(Instant::now);
-                        if Instant::now().duration_since(since.max(last_message_at)) > END_GRACE {
-                            // finished, and the end message is not coming
+                        if Instant::now().duration_since(since.max(last_message_at)) > END_GRACE
+                            && self.caught_up().await
+                        {
+                            // finished, every message delivered, and the end message is not
+                            // coming (it expired, or NATS was down at the end)
                             self.send_end_from(&run).await;
                             return Next::Done;
                         }
