@@ -46,7 +46,8 @@ impl TestDb {
                 Err(e) if tries < 50 => {
                     tries += 1;
                     eprintln!("create database retry: {e}");
-                    tokio::time::sleep(Duration::from_millis(20 * tries)).await; // backoff
+                    let backoff = Duration::from_millis(20 * tries);
+                    tokio::time::sleep(backoff).await;
                 }
                 Err(e) => panic!("cannot create test database: {e}"),
             }

@@ -38,7 +38,12 @@ fn keyed_registry(pool: Pool) -> Registry {
                 async move {
                     log(&pool, input, "start").await;
                     // the step's work: long enough for a second claimer to try the same key
-                    pool.get().await.unwrap().execute("select pg_sleep(0.002)", &[]).await.unwrap();
+                    pool.get()
+                        .await
+                        .unwrap()
+                        .execute("select pg_sleep(0.002)", &[])
+                        .await
+                        .unwrap();
                     log(&pool, input, "end").await;
                     Ok::<_, StepError>(())
                 }
