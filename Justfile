@@ -30,3 +30,7 @@ dev-db-stop:
 # Chaos: runs across 3 executors SIGKILLed and restarted at random (seeded); prints the figures
 chaos runs="1000" kills="50" seed="1":
     CHAOS_RUNS={{runs}} CHAOS_KILLS={{kills}} CHAOS_SEED={{seed}} scripts/test.sh --test faults --run-ignored ignored-only --no-capture chaos_full
+
+# Benchmarks: throughput, latency, live output, recovery and memory against the raw SQL ceiling; writes bench/results.md
+bench:
+    scripts/bench.sh

@@ -1,0 +1,181 @@
+//! Section 1 — The ceiling: what raw SQL does with the same work on the same cluster, in the same
+//! run.
+//!
+//! - claim-and-complete: `spool.runs` rows with workflow `noop`, 50 per statement, locked with
+//!   `FOR UPDATE SKIP LOCKED` and ended in the same statement, from 2 clients;
+//! - single-row commits: one `insert into spool.runs` per transaction (no wake-up trigger), from 1
+//!   and from 16 clients.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::time::Instant;
+
+use crate::harness::{Bench, Db};
+use crate::report::{format_value, Row, Unit};
+
+/// Rows claimed and completed per statement.
+const CLAIM_BATCH: i64 = 50;
+const CLAIM_CLIENTS: usize = 2;
+/// A ceiling is the best of this many rounds: what the cluster can do.
+const ROUNDS: usize = 2;
+
+/// The ceilings the Spool figures are compared with (rows/s).
+#[derive(Debug, Clone, Copy)]
+pub struct Ceiling {
+    pub claim_complete: f64,
+    pub commits_16: f64,
+}
+
+pub struct CeilingParams {
+    pub claim_rows: i64,
+    pub commit_secs: f64,
+}
+
+pub async fn measure(bench: &Bench, p: &CeilingParams) -> Result<(Ceiling, Vec<Row>)> {
+    let db = bench.fresh_db("bench_ceiling").await?;
+    let mut claim_complete = 0f64;
+    for _ in 0..ROUNDS {
+        claim_complete = claim_complete.max(claim_and_complete(&db, p.claim_rows).await?);
+    }
+    db.client
+        .batch_execute("alter table spool.runs disable trigger runs_inserted_wakeup")
+        .await?;
+    let secs = Duration::from_secs_f64(p.commit_secs);
+    let (mut commits_1, mut commits_16) = (0f64, 0f64);
+    for _ in 0..ROUNDS {
+        commits_1 = commits_1.max(single_row_commits(&db, 1, secs).await?);
+        commits_16 = commits_16.max(single_row_commits(&db, 16, secs).await?);
+    }
+    let c = Ceiling {
+        claim_complete,
+        commits_16,
+    };
+    let rows = vec![
+        Row::new(
+            1,
+            "1a SQL claim+complete, 50 rows/statement, 2 clients",
+            claim_complete,
+            Unit::PerSec("rows"),
+        )
+        .note(format!(
+            "{} rows; best of {ROUNDS}",
+            format_value(p.claim_rows as f64, Unit::Plain(""))
+        )),
+        Row::new(
+            1,
+            "1b SQL single-row insert commits, 1 client",
+            commits_1,
+            Unit::PerSec("rows"),
+        )
+        .note(format!("best of {ROUNDS}")),
+        Row::new(
+            1,
+            "1b SQL single-row insert commits, 16 clients",
+            commits_16,
+            Unit::PerSec("rows"),
+        )
+        .note(format!("best of {ROUNDS}")),
+    ];
+    Ok((c, rows))
+}
+
+/// Inserts `n` queued `noop` runs in one statement (as the no-op drains do).
+async fn insert_noop_runs(db: &Db, n: i64) -> Result<()> {
+    db.client
+        .execute(
+            "insert into spool.runs (workflow) select 'noop' from generate_series(1, $1::int8)",
+            &[&n],
+        )
+        .await?;
+    Ok(())
+}
+
+/// 1a: drains `n` queued rows with 2 clients, 50 rows per claim-and-complete statement.
+async fn claim_and_complete(db: &Db, n: i64) -> Result<f64> {
+    db.client
+        .batch_execute("truncate spool.runs cascade")
+        .await?;
+    insert_noop_runs(db, n).await?;
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..CLAIM_CLIENTS {
+        let client = db.connect().await?;
+        clients.push(tokio::spawn(async move {
+            let stmt = client
+                .prepare(
+                    "with c as (
+                        select id from spool.runs
+                         where status = 'queued' and run_at <= now()
+                         order by priority, run_at, enqueue_seq
+                         limit $1
+                         for update skip locked)
+                     update spool.runs r
+                        set status = 'succeeded', executor_id = 'ceiling',
+                            claim_epoch = r.claim_epoch + 1, attempt = r.attempt + 1,
+                            started_at = now(), finished_at = now(), updated_at = now()
+                       from c where r.id = c.id",
+                )
+                .await?;
+            // bounded: every statement ends up to 50 rows and the table holds `n`
+            let mut done = 0u64;
+            loop {
+                let got = client.execute(&stmt, &[&CLAIM_BATCH]).await?;
+                if got == 0 {
+                    return anyhow::Ok(done);
+                }
+                done += got;
+            }
+        }));
+    }
+    let mut total = 0;
+    for c in clients {
+        total += c.await??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    anyhow::ensure!(total as i64 == n, "claimed {total} of {n} rows");
+    Ok(n as f64 / elapsed)
+}
+
+/// 1b: single-row insert transactions from `clients` connections for `secs`.
+async fn single_row_commits(db: &Db, clients: usize, secs: Duration) -> Result<f64> {
+    insert_loop(
+        db,
+        clients,
+        secs,
+        "insert into spool.runs (workflow) values ('noop')",
+    )
+    .await
+}
+
+/// Runs `sql` (one row per transaction) from `clients` connections for `secs`; rows/s.
+pub async fn insert_loop(
+    db: &Db,
+    clients: usize,
+    secs: Duration,
+    sql: &'static str,
+) -> Result<f64> {
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        conns.push(db.connect().await?);
+    }
+    let started = Instant::now();
+    let end = started + secs;
+    let mut tasks = Vec::new();
+    for client in conns {
+        tasks.push(tokio::spawn(async move {
+            let stmt = client.prepare(sql).await?;
+            let mut n = 0u64;
+            while Instant::now() < end {
+                client.execute(&stmt, &[]).await?;
+                n += 1;
+            }
+            anyhow::Ok(n)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}

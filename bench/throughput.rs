@@ -1,0 +1,179 @@
+//! Sections 2 (no-op throughput) and 4 (memoized steps): a backlog inserted in one statement while
+//! idle executors wait, drained to the end. The rate is taken from the database's own clocks: runs
+//! finished / (last `finished_at` − first `started_at`). Commits per run come from
+//! `pg_stat_database` (after the executors exited, so every backend reported its count).
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::ceiling::Ceiling;
+use crate::harness::{Bench, Db, ProcSpec, Role};
+use crate::report::{Row, Target, Unit};
+
+pub struct ThroughputParams {
+    pub noop_runs: i64,
+    pub step_runs: i64,
+    /// Longest a drain may take before it is reported as timed out.
+    pub drain_limit: Duration,
+}
+
+/// What a drain measured.
+struct Drain {
+    finished: i64,
+    failed: i64,
+    per_sec: f64,
+    commits_per_run: f64,
+    timed_out: bool,
+    /// Warning and error lines the executors logged.
+    warnings: usize,
+}
+
+impl Drain {
+    fn note(&self, total: i64) -> String {
+        let mut note = format!("{:.3} commits/run", self.commits_per_run);
+        if self.timed_out {
+            note.push_str(&format!(
+                "; TIMED OUT: {} of {total} finished",
+                self.finished
+            ));
+        }
+        if self.failed > 0 {
+            note.push_str(&format!("; {} runs did not succeed", self.failed));
+        }
+        if self.warnings > 0 {
+            note.push_str(&format!(
+                "; {} warnings in the executors' logs",
+                self.warnings
+            ));
+        }
+        note
+    }
+}
+
+/// 2: `noop_runs` no-op runs drained by 1 and (fresh database) by 2 executors.
+pub async fn noop(bench: &Bench, p: &ThroughputParams, ceiling: &Ceiling) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for executors in [1, 2] {
+        let plural = if executors == 1 { "" } else { "s" };
+        let figure = format!(
+            "no-op drain, {executors} executor{plural}, {} runs",
+            p.noop_runs
+        );
+        let row = match noop_drain(bench, p, executors).await {
+            Ok(d) => Row::new(2, figure, d.per_sec, Unit::PerSec("runs"))
+                .ceiling("1a", ceiling.claim_complete)
+                .target(Target::RatioAtLeast(0.5))
+                .note(d.note(p.noop_runs)),
+            Err(e) => Row::failed(2, figure, &e),
+        };
+        rows.push(row);
+    }
+    rows
+}
+
+async fn noop_drain(bench: &Bench, p: &ThroughputParams, executors: usize) -> Result<Drain> {
+    let db = bench.fresh_db(&format!("bench_noop_{executors}")).await?;
+    let sql = "insert into spool.runs (workflow) select 'noop' from generate_series(1, $1::int8)";
+    drain(bench, &db, executors, sql, p.noop_runs, p.drain_limit).await
+}
+
+/// 4: runs of 10 memoized no-op steps (`ticker`, 10 steps of one chunk each, no NATS: the
+/// chunks go nowhere), one executor. Steps/s = 10 × runs/s.
+pub async fn steps(bench: &Bench, p: &ThroughputParams, ceiling: &Ceiling) -> Vec<Row> {
+    let figure = format!(
+        "memoized steps, 1 executor, {} runs × 10 steps",
+        p.step_runs
+    );
+    let row = match steps_drain(bench, p).await {
+        Ok(d) => Row::new(4, figure, d.per_sec * 10.0, Unit::PerSec("steps"))
+            .ceiling("1b 16 clients", ceiling.commits_16)
+            .target(Target::AtLeast(5_000.0))
+            .note(d.note(p.step_runs)),
+        Err(e) => Row::failed(4, figure, &e),
+    };
+    vec![row]
+}
+
+async fn steps_drain(bench: &Bench, p: &ThroughputParams) -> Result<Drain> {
+    let db = bench.fresh_db("bench_steps").await?;
+    let sql = r#"insert into spool.runs (workflow, input)
+                 select 'ticker', '{"count": 10, "interval_ms": 0, "steps": 10}'
+                   from generate_series(1, $1::int8)"#;
+    drain(bench, &db, 1, sql, p.step_runs, p.drain_limit).await
+}
+
+/// Starts `executors` idle worker processes, inserts `n` runs with `insert_sql` (one statement,
+/// `$1` = n), and waits until no run is queued or running (or `limit` passes).
+async fn drain(
+    bench: &Bench,
+    db: &Db,
+    executors: usize,
+    insert_sql: &str,
+    n: i64,
+    limit: Duration,
+) -> Result<Drain> {
+    let mut procs = Vec::new();
+    for i in 1..=executors {
+        let spec = ProcSpec::new(format!("{}-{i}", db.name), Role::Worker);
+        procs.push(bench.start(db, spec).await?);
+    }
+    let commits_before = db.commits().await?;
+    db.client.execute(insert_sql, &[&n]).await?;
+    let (timed_out, polls) = wait_drained(db, limit).await?;
+    let warnings = procs.iter().map(|p| p.warnings()).sum();
+    for p in procs {
+        p.stop().await?;
+    }
+    // our own transactions since the first count: its select, the insert, the polls, the flush
+    let own = polls + 3;
+    let commits = db.commits().await? - commits_before - own;
+    let row = db
+        .client
+        .query_one(
+            "select count(*) filter (where finished_at is not null),
+                    count(*) filter (where finished_at is not null and status <> 'succeeded'),
+                    coalesce(extract(epoch from max(finished_at) - min(started_at))::float8, 0)
+               from spool.runs",
+            &[],
+        )
+        .await?;
+    let (finished, failed, secs): (i64, i64, f64) = (row.get(0), row.get(1), row.get(2));
+    Ok(Drain {
+        finished,
+        failed,
+        per_sec: if secs > 0.0 {
+            finished as f64 / secs
+        } else {
+            0.0
+        },
+        commits_per_run: commits as f64 / finished.max(1) as f64,
+        timed_out,
+        warnings,
+    })
+}
+
+/// Polls every 200 ms until no run is queued or running, or `limit` passes. Returns whether it
+/// timed out, and how many polls it made.
+async fn wait_drained(db: &Db, limit: Duration) -> Result<(bool, i64)> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut polls = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        polls += 1;
+        let left: i64 = db
+            .client
+            .query_one(
+                "select count(*) from spool.runs where status in ('queued', 'running')",
+                &[],
+            )
+            .await?
+            .get(0);
+        if left == 0 {
+            return Ok((false, polls));
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Ok((true, polls));
+        }
+    }
+}
