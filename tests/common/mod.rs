@@ -176,3 +176,21 @@ pub async fn wait_terminal(db: &TestDb, run_id: &str, deadline: Duration) -> Str
     })
     .await
 }
+
+/// Memoized steps of a run so far.
+pub async fn steps_done(db: &TestDb, run_id: &str) -> i64 {
+    db.scalar_i64(&format!(
+        "select count(*) from spool.operation_outputs where run_id = '{run_id}'"
+    ))
+    .await
+}
+
+/// Waits until a run has memoized at least `n` steps.
+pub async fn wait_steps(db: &TestDb, run_id: &str, n: i64) {
+    wait_until(
+        &format!("run {run_id} to record {n} steps"),
+        Duration::from_secs(30),
+        || async { (steps_done(db, run_id).await >= n).then_some(()) },
+    )
+    .await;
+}

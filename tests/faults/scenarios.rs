@@ -8,29 +8,13 @@ use spool::sse_client::{self, SseEvent};
 
 use crate::cluster::Cluster;
 use crate::common::process::{Binary, SpoolProcess};
-use crate::common::{wait_terminal, wait_until, TestDb};
+use crate::common::{wait_steps, wait_terminal, wait_until, TestDb};
 use crate::oracle::{figures, late_attach_check};
 
 async fn ledger_ticker(db: &TestDb, id: &str, count: usize, interval_ms: u64, steps: usize) {
     db.exec(&format!(
         "insert into spool.runs (id, workflow, input) values ('{id}', 'ledger_ticker', '{{\"count\": {count}, \"interval_ms\": {interval_ms}, \"steps\": {steps}}}')"
     ))
-    .await;
-}
-
-async fn steps_done(db: &TestDb, run_id: &str) -> i64 {
-    db.scalar_i64(&format!(
-        "select count(*) from spool.operation_outputs where run_id = '{run_id}'"
-    ))
-    .await
-}
-
-async fn wait_steps(db: &TestDb, run_id: &str, n: i64) {
-    wait_until(
-        &format!("run {run_id} to record {n} steps"),
-        Duration::from_secs(30),
-        || async { (steps_done(db, run_id).await >= n).then_some(()) },
-    )
     .await;
 }
 

@@ -15,7 +15,7 @@ use spool::sse_client::{self, SseEvent};
 
 use common::nats::NatsServer;
 use common::process::{Binary, SpoolProcess};
-use common::{wait_terminal, wait_until, TestDb};
+use common::{wait_steps, wait_terminal, wait_until, TestDb};
 
 /// Environment of a spool process publishing to `nats`, on a stream of this test's own.
 fn live_env(db: &TestDb, nats: &NatsServer) -> Vec<(String, String)> {
@@ -66,22 +66,6 @@ fn chunks(events: &[SseEvent]) -> Vec<String> {
 
 fn ticks(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("tick-{i}")).collect()
-}
-
-async fn steps_done(db: &TestDb, run_id: &str) -> i64 {
-    db.scalar_i64(&format!(
-        "select count(*) from spool.operation_outputs where run_id = '{run_id}'"
-    ))
-    .await
-}
-
-async fn wait_steps(db: &TestDb, run_id: &str, n: i64) {
-    wait_until(
-        &format!("run {run_id} to record {n} steps"),
-        Duration::from_secs(30),
-        || async { (steps_done(db, run_id).await >= n).then_some(()) },
-    )
-    .await;
 }
 
 /// Enqueues a ticker run by SQL.

@@ -10,23 +10,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use common::process::{Binary, SpoolProcess};
-use common::{wait_terminal, wait_until, TestDb};
-
-async fn steps_done(db: &TestDb, run_id: &str) -> i64 {
-    db.scalar_i64(&format!(
-        "select count(*) from spool.operation_outputs where run_id = '{run_id}'"
-    ))
-    .await
-}
-
-async fn wait_steps(db: &TestDb, run_id: &str, n: i64) {
-    wait_until(
-        &format!("run {run_id} to record {n} steps"),
-        Duration::from_secs(30),
-        || async { (steps_done(db, run_id).await >= n).then_some(()) },
-    )
-    .await;
-}
+use common::{steps_done, wait_steps, wait_terminal, wait_until, TestDb};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_run_then_restart_with_the_same_id_completes_each_finished_step_once() {
