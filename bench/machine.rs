@@ -11,9 +11,10 @@ pub fn load_average() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// Markdown lines describing the machine, the servers and the code; `load_at_start` is the
-/// load average when the bench started (other work on the machine skews every figure).
-pub async fn describe(bench: &Bench, load_at_start: &str) -> String {
+/// Markdown lines describing the machine, the servers and the code: `commit` as recorded when
+/// the binaries were built (git is asked now without it); `load_at_start` is the load average
+/// when the bench started (other work on the machine skews every figure).
+pub async fn describe(bench: &Bench, commit: Option<&str>, load_at_start: &str) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -30,16 +31,19 @@ pub async fn describe(bench: &Bench, load_at_start: &str) -> String {
             .unwrap_or_else(|e| e.to_string()),
         Err(e) => e.to_string(),
     };
-    let dirty = !run("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
-    let commit = format!(
-        "{}{}",
-        run("git", &["rev-parse", "--short", "HEAD"]),
+    let commit = commit.map(str::to_string).unwrap_or_else(|| {
+        let dirty = !run(
+            "git",
+            &["status", "--porcelain", "--", "src", "sql", "Cargo.toml"],
+        )
+        .is_empty();
+        let head = run("git", &["rev-parse", "--short", "HEAD"]);
         if dirty {
-            " with uncommitted changes"
+            format!("{head} with uncommitted changes in src/, sql/ or Cargo.*")
         } else {
-            ""
+            head
         }
-    );
+    });
     let memory = run("free", &["-g"]);
     let nats = run("nats-server", &["--version"]);
     let nats = nats.trim_start_matches("nats-server: ");

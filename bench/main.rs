@@ -58,6 +58,9 @@ struct Args {
     /// Where the table and the machine description are written.
     #[arg(long, env = "BENCH_OUT", default_value = "bench/results.md")]
     out: PathBuf,
+    /// The code under test, as recorded when it was built (default: asks git now).
+    #[arg(long, env = "BENCH_COMMIT")]
+    commit: Option<String>,
     /// Comma-separated sections to run (default: all): ceiling, noop, enqueue, steps, latency,
     /// memory, chunks, recovery.
     #[arg(long, env = "BENCH_ONLY", value_delimiter = ',')]
@@ -151,7 +154,7 @@ async fn main() -> ExitCode {
     println!("bench took {}", minutes(elapsed));
     let bench = bench_of(&args);
     let text = results_markdown(
-        &machine::describe(&bench, &load_at_start).await,
+        &machine::describe(&bench, args.commit.as_deref(), &load_at_start).await,
         &table,
         elapsed,
     );

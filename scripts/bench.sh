@@ -10,6 +10,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=target/bench
 
+# the code under test: the commit, and whether the sources differ from it
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ -n "$(git status --porcelain -- src sql Cargo.toml Cargo.lock 2>/dev/null)" ]; then
+  commit="$commit with uncommitted changes in src/, sql/ or Cargo.*"
+fi
 cargo build --release --bin spool --example bench
 
 # one bench at a time: a second one would stop the first one's servers
@@ -47,6 +52,7 @@ BENCH_NATS="nats://127.0.0.1:$nats_port" \
 BENCH_SPOOL_BIN="$root/bin/spool" \
 BENCH_WORK_DIR="$root" \
 BENCH_OUT=bench/results.md \
+BENCH_COMMIT="$commit" \
   target/release/examples/bench "$@" 9>&- &
 bench=$!
 # on Ctrl-C or SIGTERM the bench stops its spool processes itself; then the EXIT trap runs
