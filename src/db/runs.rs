@@ -333,9 +333,11 @@ pub async fn finish_if_owned(
 ) -> Result<(), DbError> {
     let stmt = client
         .stmt(
-            "update spool.runs
+            "update spool.runs r
                 set status = $3, output = $4, error = $5, finished_at = now(), updated_at = now()
-              where id = $1 and claim_epoch = $2 and status = 'running'",
+              where id = $1 and claim_epoch = $2 and status = 'running'
+                and exists (select 1 from spool.executors e
+                             where e.id = r.executor_id and e.incarnation = r.incarnation)",
         )
         .await
         .map_err(DbError::from_pg)?;
@@ -362,10 +364,12 @@ pub async fn release_if_owned(
 ) -> Result<(), DbError> {
     let stmt = client
         .stmt(
-            "update spool.runs
+            "update spool.runs r
                 set status = 'queued', executor_id = null, incarnation = null,
                     attempt = greatest(attempt - 1, 0), updated_at = now()
-              where id = $1 and claim_epoch = $2 and status = 'running'",
+              where id = $1 and claim_epoch = $2 and status = 'running'
+                and exists (select 1 from spool.executors e
+                             where e.id = r.executor_id and e.incarnation = r.incarnation)",
         )
         .await
         .map_err(DbError::from_pg)?;
@@ -423,6 +427,8 @@ pub async fn finish_many_if_owned(
                from unnest($1::text[], $2::int8[], $3::text[], $4::jsonb[], $5::jsonb[])
                     as b(id, epoch, status, output, error)
               where r.id = b.id and r.claim_epoch = b.epoch and r.status = 'running'
+                and exists (select 1 from spool.executors e
+                             where e.id = r.executor_id and e.incarnation = r.incarnation)
              returning r.id",
         )
         .await

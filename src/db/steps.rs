@@ -1,8 +1,8 @@
 //! SQL for `spool.operation_outputs`: the memoized steps of a run.
 //!
-//! A step is recorded only while the recorder still owns the run at its claim epoch: the insert
-//! reads the run row `for share`, so it serializes against a re-claim and a stale writer records
-//! nothing.
+//! A step is recorded only while the recorder still owns the run at its claim epoch and the
+//! incarnation that claimed it is still the executor's current one: the insert reads the run row
+//! `for share`, so it serializes against a re-claim, and a stale writer records nothing.
 
 use super::Conn;
 use chrono::{DateTime, Utc};
@@ -83,6 +83,8 @@ pub async fn record_step_if_owned(
             "with owner as (
                 select r.id, r.cancel_requested from spool.runs r
                  where r.id = $1 and r.claim_epoch = $2 and r.status = 'running'
+                   and exists (select 1 from spool.executors e
+                                where e.id = r.executor_id and e.incarnation = r.incarnation)
                  for share
              ), ins as (
                 insert into spool.operation_outputs
@@ -156,6 +158,8 @@ pub async fn record_steps_if_owned(
              ), owner as (
                 select r.cancel_requested, b.* from spool.runs r join b on b.run_id = r.id
                  where r.claim_epoch = b.epoch and r.status = 'running'
+                   and exists (select 1 from spool.executors e
+                                where e.id = r.executor_id and e.incarnation = r.incarnation)
                  for share of r
              ), ins as (
                 insert into spool.operation_outputs

@@ -125,8 +125,9 @@ async fn a_superseded_incarnation_cannot_recover_runs() {
 async fn batched_writes_fence_each_run_by_its_own_claim_epoch() {
     let db = TestDb::new().await;
     db.exec(
-        "insert into spool.runs (id, workflow, status, executor_id, claim_epoch, attempt)
-              values ('cur', 'noop', 'running', 'e', 3, 3), ('old', 'noop', 'running', 'e', 5, 5)",
+        "insert into spool.executors (id, workflows) values ('e', '{noop}');
+         insert into spool.runs (id, workflow, status, executor_id, incarnation, claim_epoch, attempt)
+              values ('cur', 'noop', 'running', 'e', 1, 3, 3), ('old', 'noop', 'running', 'e', 1, 5, 5)",
     )
     .await;
     let client = db.client().await;
@@ -182,4 +183,78 @@ async fn batched_writes_fence_each_run_by_its_own_claim_epoch() {
         matches!(twice[0], Err(DbError::Lost(_))),
         "one terminal transition only"
     );
+}
+
+#[tokio::test]
+async fn a_superseded_incarnation_cannot_write_even_before_its_successor_reclaims() {
+    let db = TestDb::new().await;
+    db.exec(
+        "insert into spool.executors (id, workflows) values ('e', '{noop}');
+         insert into spool.runs (id, workflow) values ('r1', 'noop'), ('r2', 'noop');",
+    )
+    .await;
+    let client = db.client().await;
+    let workflows = vec!["noop".to_string()];
+    let who = Claimant {
+        executor_id: "e",
+        incarnation: 1,
+        workflows: &workflows,
+        queues: None,
+    };
+    let claimed = runs::claim(&client, &who, 2).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    let one = json!(1);
+    // The successor has registered, but has not taken the runs back yet: their epochs still
+    // match what the old incarnation holds.
+    db.exec("update spool.executors set incarnation = 2 where id = 'e'")
+        .await;
+    let stale = steps::record_step_if_owned(&client, "r1", 1, step(&one)).await;
+    assert!(matches!(stale, Err(DbError::Lost(_))), "{stale:?}");
+    let batch = steps::record_steps_if_owned(
+        &client,
+        &[StepWrite {
+            run_id: "r2".into(),
+            claim_epoch: 1,
+            step: 1,
+            name: "s".into(),
+            output: Some(one.clone()),
+            error: None,
+            chunks: vec![],
+            started_at: Utc::now(),
+        }],
+    )
+    .await
+    .unwrap();
+    assert!(matches!(batch[0], Err(DbError::Lost(_))), "{:?}", batch[0]);
+    let finish = |id: &str| Finish {
+        id: id.into(),
+        claim_epoch: 1,
+        outcome: Outcome::Succeeded,
+        output: Some(json!("zombie")),
+        error: None,
+    };
+    let finished = runs::finish_many_if_owned(&client, &[finish("r1"), finish("r2")])
+        .await
+        .unwrap();
+    assert!(finished.iter().all(|f| matches!(f, Err(DbError::Lost(_)))));
+    let single = runs::finish_if_owned(&client, "r1", 1, Outcome::Succeeded, None, None).await;
+    assert!(matches!(single, Err(DbError::Lost(_))), "{single:?}");
+    let released = runs::release_if_owned(&client, "r2", 1).await;
+    assert!(matches!(released, Err(DbError::Lost(_))), "{released:?}");
+    assert_eq!(
+        db.scalar_i64("select count(*) from spool.operation_outputs")
+            .await,
+        0
+    );
+    // The successor takes both back and writes normally.
+    let retaken = runs::reclaim_owned(&client, "e", 2, &[]).await.unwrap();
+    assert_eq!(retaken.len(), 2);
+    steps::record_step_if_owned(&client, "r1", 2, step(&one))
+        .await
+        .unwrap();
+    runs::finish_if_owned(&client, "r1", 2, Outcome::Succeeded, None, None)
+        .await
+        .unwrap();
+    assert_eq!(db.status("r1").await, "succeeded");
+    assert_eq!(db.status("r2").await, "running");
 }
