@@ -51,7 +51,7 @@ BENCH_PG="postgres://postgres@127.0.0.1:$pg_port" \
 BENCH_NATS="nats://127.0.0.1:$nats_port" \
 BENCH_SPOOL_BIN="$root/bin/spool" \
 BENCH_WORK_DIR="$root" \
-BENCH_OUT=bench/results.md \
+BENCH_OUT="${BENCH_OUT:-bench/results.md}" \
 BENCH_COMMIT="$commit" \
   target/release/examples/bench "$@" 9>&- &
 bench=$!

@@ -247,8 +247,7 @@ pub async fn claim(
                 attempt = r.attempt + 1,
                 started_at = coalesce(r.started_at, now()),
                 updated_at = now()
-           from candidates c
-          where r.id = c.id
+          where r.id = any(array(select id from candidates))
          returning {RUN_COLUMNS}"
     );
     let stmt = client.stmt(&sql).await.map_err(DbError::from_pg)?;

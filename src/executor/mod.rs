@@ -163,10 +163,12 @@ pub async fn start(
         writes,
         db_patience: settings.db_patience,
     });
+    let claims = crate::db::claim_pool(&target, &format!("spool-claim:{}", settings.executor_id));
     let control = ControlLoop {
         settings: settings.clone(),
         target,
         pool,
+        claims,
         workflows,
         lock,
         deps,
@@ -188,6 +190,8 @@ struct ControlLoop {
     settings: ExecutorSettings,
     target: PgTarget,
     pool: Pool,
+    /// The claim and recovery statements' own connections (see [`crate::db::claim_pool`]).
+    claims: Pool,
     workflows: Vec<String>,
     lock: ExecutorLock,
     deps: Arc<runner::RunnerDeps>,
@@ -291,7 +295,7 @@ impl ControlLoop {
             }
             let want = free.min(self.settings.claim_batch);
             let claimed = async {
-                let client = self.pool.get().await?;
+                let client = self.claims.get().await?;
                 let who = Claimant {
                     executor_id: &self.settings.executor_id,
                     incarnation: self.lock.incarnation,
@@ -328,7 +332,7 @@ impl ControlLoop {
     async fn recover(&mut self) {
         let in_flight: Vec<String> = self.in_flight.keys().cloned().collect();
         let recovered = async {
-            let client = self.pool.get().await?;
+            let client = self.claims.get().await?;
             runs::reclaim_owned(
                 &client,
                 &self.settings.executor_id,
