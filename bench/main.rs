@@ -66,10 +66,10 @@ struct Args {
     #[arg(long, env = "BENCH_ONLY", value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// SPOOL_CONCURRENCY of the executors.
-    #[arg(long, env = "BENCH_CONCURRENCY", default_value_t = 64)]
+    #[arg(long, env = "BENCH_CONCURRENCY", default_value_t = 512)]
     concurrency: usize,
     /// SPOOL_CLAIM_BATCH of the executors.
-    #[arg(long, env = "BENCH_CLAIM_BATCH", default_value_t = 256)]
+    #[arg(long, env = "BENCH_CLAIM_BATCH", default_value_t = 512)]
     claim_batch: usize,
     /// RUST_LOG of the Spool processes (default: unset, Spool's own default).
     #[arg(long, env = "BENCH_SPOOL_LOG")]

@@ -62,8 +62,9 @@ start)
   # stop the server with -m immediate and expect every commit back; benchmarks).
   durability="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
   if [ "${SPOOL_PG_DURABLE:-0}" = 1 ]; then durability=""; fi
+  # SPOOL_PG_OPTIONS: more server settings, e.g. "-c shared_preload_libraries=pg_stat_statements"
   as_owner "$pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 $durability -c max_connections=400 -c shared_buffers=256MB" \
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 $durability -c max_connections=400 -c shared_buffers=256MB ${SPOOL_PG_OPTIONS:-}" \
     start >&2 || { cat "$dir/server.log" >&2; exit 1; }
   echo "$port" >"$dir/port"
   echo "$port"

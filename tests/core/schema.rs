@@ -95,6 +95,33 @@ async fn nonsense_inserted_by_sql_is_refused_by_named_constraints() {
     assert_eq!(
         refused_by(
             &db,
+            &format!(
+                "insert into spool.runs (workflow) values ('{}')",
+                "w".repeat(129)
+            )
+        )
+        .await,
+        "runs_workflow_format"
+    );
+    assert_eq!(
+        refused_by(
+            &db,
+            "insert into spool.runs (workflow, queue) values ('noop', E'a\\nb')"
+        )
+        .await,
+        "runs_queue_format"
+    );
+    // the longest id, workflow and queue are fine
+    db.exec(&format!(
+        "insert into spool.runs (id, workflow, queue) values ('{}', '{}', '{}')",
+        "x".repeat(128),
+        "w".repeat(128),
+        "q".repeat(128)
+    ))
+    .await;
+    assert_eq!(
+        refused_by(
+            &db,
             "insert into spool.runs (workflow, max_attempts) values ('noop', 0)"
         )
         .await,
@@ -111,7 +138,11 @@ async fn nonsense_inserted_by_sql_is_refused_by_named_constraints() {
         .await,
         "runs_concurrency_key_length"
     );
-    assert_eq!(db.scalar_i64("select count(*) from spool.runs").await, 0);
+    assert_eq!(
+        db.scalar_i64("select count(*) from spool.runs").await,
+        1,
+        "only the longest-names row went in"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
