@@ -92,8 +92,11 @@ impl Bench {
             }
             Role::Both => {}
         }
-        cmd.env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        cmd.env_clear();
+        // Experiments: SPOOL_* settings in the bench's own environment reach every process
+        // (the settings the bench sets itself below win).
+        cmd.envs(std::env::vars().filter(|(k, _)| k.starts_with("SPOOL_")));
+        cmd.env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("DATABASE_URL", &db.url)
             .env("SPOOL_EXECUTOR_ID", &spec.executor_id)
             .env("SPOOL_LISTEN", format!("127.0.0.1:{port}"))

@@ -34,6 +34,10 @@ pub struct ServeArgs {
     /// How long live output is kept in JetStream, in seconds.
     #[arg(long, env = "SPOOL_CHUNK_MAX_AGE_SECS", default_value_t = 86_400)]
     pub chunk_max_age_secs: u64,
+    /// Live-output publishes awaiting their JetStream ack, per run attempt, before the publisher
+    /// waits for the oldest.
+    #[arg(long, env = "SPOOL_NATS_ACK_WINDOW", default_value_t = 512)]
+    pub nats_ack_window: usize,
     /// Most clients attached to live output at once (429 past it).
     #[arg(long, env = "SPOOL_MAX_ATTACHERS", default_value_t = 10_000)]
     pub max_attachers: usize,
@@ -68,6 +72,10 @@ pub struct ServeArgs {
     /// Most runs claimed per statement.
     #[arg(long, env = "SPOOL_CLAIM_BATCH", default_value_t = 64)]
     pub claim_batch: usize,
+    /// Pooled Postgres connections of the process (API, memo reads, batched writes); the claim
+    /// has two of its own and the executor lock and wake-up listener one each.
+    #[arg(long, env = "SPOOL_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: usize,
     /// Comma-separated queues to serve (default: all).
     #[arg(long, env = "SPOOL_QUEUES", value_delimiter = ',')]
     pub queues: Option<Vec<String>>,
@@ -122,6 +130,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub api_token: Option<String>,
     pub max_body_bytes: usize,
+    /// Pooled Postgres connections (`SPOOL_DB_POOL_SIZE`).
+    pub db_pool_size: usize,
     pub serve_api: bool,
     pub run_executor: bool,
     pub executor: ExecutorSettings,
@@ -160,6 +170,9 @@ impl Config {
         if args.claim_batch == 0 {
             return Err(ConfigError::Zero("SPOOL_CLAIM_BATCH"));
         }
+        if args.db_pool_size == 0 {
+            return Err(ConfigError::Zero("SPOOL_DB_POOL_SIZE"));
+        }
         let mut executor = ExecutorSettings::new(executor_id);
         executor.concurrency = args.concurrency;
         executor.claim_batch = args.claim_batch;
@@ -173,6 +186,7 @@ impl Config {
             l.stream = args.nats_stream;
             l.subject_prefix = args.nats_subject_prefix;
             l.max_age = Duration::from_secs(args.chunk_max_age_secs.max(1));
+            l.ack_window = args.nats_ack_window.max(1);
             l
         });
         Ok(Self {
@@ -185,6 +199,7 @@ impl Config {
             listen: args.listen,
             api_token,
             max_body_bytes: args.max_body_bytes,
+            db_pool_size: args.db_pool_size,
             serve_api,
             run_executor: !args.api_only,
             executor,

@@ -49,7 +49,7 @@ pub async fn serve(
     }
     let pool = crate::db::pool(
         &config.database,
-        config.executor.concurrency + 8,
+        config.db_pool_size,
         &format!("spool:{}", config.executor.executor_id),
     );
     let metrics = Arc::new(Metrics::default());

@@ -33,7 +33,7 @@ pub enum DbError {
     /// A batched statement failed; every write in the batch gets this.
     #[error("batched write failed: {0}")]
     Batch(String),
-    #[error("database error: {0}")]
+    #[error("database error: {}", describe_pg(.0))]
     Postgres(#[from] tokio_postgres::Error),
 }
 
@@ -67,6 +67,14 @@ impl DbError {
             DbError::Postgres(e) => pg_is_connectivity(e),
             _ => false,
         }
+    }
+}
+
+/// A Postgres error with what the server said (tokio-postgres's own text is just "db error").
+fn describe_pg(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({}): {}", db.severity(), db.code().code(), db.message()),
+        None => e.to_string(),
     }
 }
 

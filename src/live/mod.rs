@@ -29,6 +29,9 @@ pub mod header {
     pub const GEN: &str = "Spool-Gen";
 }
 
+/// The context-wide bound of async-nats on pending acks: far above what publishers let pend.
+const ACK_BACKSTOP: usize = 1 << 20;
+
 /// Live-output settings.
 #[derive(Debug, Clone)]
 pub struct LiveSettings {
@@ -77,6 +80,8 @@ pub struct LiveOutput {
     /// Background republishing of finished runs' output after a NATS outage; owned here so it
     /// ends with the process's live output.
     repairs: std::sync::Mutex<tokio::task::JoinSet<()>>,
+    /// Publishes awaiting their ack across every publisher (see `publisher::MAX_ACKS_PENDING`).
+    pub(crate) acks_pending: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl LiveOutput {
@@ -106,13 +111,22 @@ impl LiveOutput {
                 url: settings.nats_url.clone(),
                 message: e.to_string(),
             })?;
-        let js = jetstream::new(client.clone());
+        // async-nats bounds the acks pending across the whole context and, by default, makes a
+        // publish wait when 5,000 are pending. Publishers hold their pending acks until their own
+        // window fills, so 20 runs with 512 each would wait on each other until the operation
+        // timeout. The per-run window (`ack_window`) and the total (`MAX_ACKS_PENDING`, enforced
+        // by `ChunkPublisher`) are ours; this bound is only a backstop above both.
+        let js = jetstream::ContextBuilder::new()
+            .timeout(settings.op_timeout)
+            .max_ack_inflight(ACK_BACKSTOP)
+            .build(client.clone());
         let live = Arc::new(Self {
             settings,
             client,
             js,
             stream: tokio::sync::OnceCell::new(),
             repairs: std::sync::Mutex::new(tokio::task::JoinSet::new()),
+            acks_pending: Arc::default(),
         });
         let setup = live.clone();
         tokio::spawn(async move {

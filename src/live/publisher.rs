@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::future::IntoFuture;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +26,10 @@ use crate::workflow::{ChunkSink, RunEnd, RunIdentity};
 
 /// How long a publisher keeps trying to republish a finished run's output while NATS is down.
 const END_REPAIR_PATIENCE: Duration = Duration::from_secs(600);
+
+/// Acks pending across every publisher of the process before each waits for its oldest: enough
+/// to keep NATS busy, few enough that many concurrent runs do not pile up unbounded.
+pub const MAX_ACKS_PENDING: usize = 8192;
 
 /// Makes a [`ChunkPublisher`] per run attempt.
 pub fn factory(live: Arc<LiveOutput>) -> ChunkSinkFactory {
@@ -43,7 +48,6 @@ pub struct ChunkPublisher {
     state: Arc<tokio::sync::Mutex<State>>,
 }
 
-#[derive(Default)]
 struct State {
     /// The purge (and reset) of this attempt happened.
     started: bool,
@@ -52,21 +56,66 @@ struct State {
     /// Output generation within the attempt: raised by every republish (rewind, repair), so
     /// attachers can drop messages of an earlier generation that arrive late.
     gen: u64,
-    pending: VecDeque<PublishAckFuture>,
+    pending: Pending,
     /// Every chunk of this attempt in order, for a rewind or a repair.
     chunks: Vec<String>,
     /// A NATS operation failed; the output is republished at the next flush.
     broken: bool,
 }
 
+/// This attempt's publishes awaiting their ack, counted in the process-wide total too.
+struct Pending {
+    acks: VecDeque<PublishAckFuture>,
+    total: Arc<AtomicUsize>,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.acks.len()
+    }
+
+    fn push(&mut self, ack: PublishAckFuture) {
+        self.acks.push_back(ack);
+        self.total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn pop(&mut self) -> Option<PublishAckFuture> {
+        let ack = self.acks.pop_front()?;
+        self.total.fetch_sub(1, Ordering::Relaxed);
+        Some(ack)
+    }
+
+    fn clear(&mut self) {
+        self.total.fetch_sub(self.acks.len(), Ordering::Relaxed);
+        self.acks.clear();
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
 impl ChunkPublisher {
     pub fn new(live: Arc<LiveOutput>, id: &RunIdentity) -> Self {
+        let state = State {
+            started: false,
+            seq: 0,
+            gen: 0,
+            pending: Pending {
+                acks: VecDeque::new(),
+                total: live.acks_pending.clone(),
+            },
+            chunks: Vec::new(),
+            broken: false,
+        };
         Self {
             subject: live.subject(&id.run_id),
             live,
             run_id: Arc::from(id.run_id.as_str()),
             epoch: id.claim_epoch,
-            state: Arc::new(tokio::sync::Mutex::new(State::default())),
+            state: Arc::new(tokio::sync::Mutex::new(state)),
         }
     }
 
@@ -96,7 +145,8 @@ impl ChunkPublisher {
         }
     }
 
-    /// Sends one message; waits for the oldest ack when the window is full.
+    /// Sends one message; waits for the oldest ack when the attempt's window is full, or when the
+    /// whole process has [`MAX_ACKS_PENDING`] acks pending (each attempt may always have one).
     async fn publish(&self, st: &mut State, kind: &str, payload: Bytes) -> Result<(), LiveError> {
         st.seq += 1;
         let headers = self.headers(kind, st.seq, st.gen);
@@ -107,9 +157,12 @@ impl ChunkPublisher {
                     .publish_with_headers(self.subject.clone(), headers, payload),
             )
             .await?;
-        st.pending.push_back(ack);
-        while st.pending.len() > self.live.settings.ack_window {
-            let oldest = st.pending.pop_front().expect("non-empty");
+        st.pending.push(ack);
+        while st.pending.len() > self.live.settings.ack_window
+            || (st.pending.len() > 1
+                && self.live.acks_pending.load(Ordering::Relaxed) > MAX_ACKS_PENDING)
+        {
+            let oldest = st.pending.pop().expect("non-empty");
             self.timed(oldest.into_future()).await?;
         }
         Ok(())
@@ -118,7 +171,7 @@ impl ChunkPublisher {
     /// Awaits every pending ack; returns the stream sequence of the last one (0 when none).
     async fn await_acks(&self, st: &mut State) -> Result<u64, LiveError> {
         let mut last = 0;
-        while let Some(ack) = st.pending.pop_front() {
+        while let Some(ack) = st.pending.pop() {
             last = self.timed(ack.into_future()).await?.sequence;
         }
         Ok(last)

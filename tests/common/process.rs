@@ -53,10 +53,12 @@ pub fn free_port() -> u16 {
 }
 
 impl SpoolProcess {
-    /// Starts `serve` and waits until its executor holds its id.
+    /// Starts `serve` and waits until its executor holds its id and its HTTP API answers.
     pub async fn start(bin: Binary, db: &TestDb, executor_id: &str, env: &[(&str, &str)]) -> Self {
         let p = Self::spawn(bin, db, executor_id, env);
         p.wait_alive(db).await;
+        // the executor holds its id before the HTTP listener is bound
+        p.wait_http().await;
         p
     }
 
@@ -169,7 +171,12 @@ impl SpoolProcess {
 
     /// True once the process has exited (without waiting).
     pub fn try_exited(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_some()
+        self.try_status().is_some()
+    }
+
+    /// The exit status once the process has exited (without waiting).
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
     }
 
     pub fn log_text(&self) -> String {

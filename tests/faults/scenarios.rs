@@ -1,3 +1,4 @@
+use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -375,16 +376,24 @@ async fn a_poison_run_ends_dead_and_the_executors_serve_other_runs_between_resta
             break;
         }
         for i in 0..3 {
-            let exited = c.procs[i].as_mut().map(|p| p.try_exited()).unwrap_or(true);
-            if exited {
-                restarts += 1;
-                assert!(
-                    restarts <= 10,
-                    "too many crashes: the poison run was not given up"
-                );
-                // no waiting for it to come up: it may crash again at once
-                c.procs[i] = Some(c.spawn(i, &[]));
-            }
+            let Some(status) = c.procs[i].as_mut().and_then(|p| p.try_status()) else {
+                continue;
+            };
+            // Only the poison aborts; any other exit is a test failure, not a crash to count.
+            assert_eq!(
+                status.signal(),
+                Some(Signal::SIGABRT as i32),
+                "executor {i} exited for another reason ({status}): {}",
+                c.procs[i].as_ref().unwrap().log_text()
+            );
+            restarts += 1;
+            assert!(
+                restarts <= 10,
+                "too many crashes: the poison run was not given up"
+            );
+            // No waiting for it to come up: it may crash again at once. The lock wait covers
+            // the moment before the database notices the dead process's lock connection.
+            c.procs[i] = Some(c.spawn(i, &[("SPOOL_LOCK_WAIT_MS", "10000")]));
         }
         tokio::time::sleep(Duration::from_millis(50)).await; // poll interval of a deadline wait
     }
