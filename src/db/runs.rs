@@ -355,7 +355,9 @@ pub async fn finish_if_owned(
 }
 
 /// Hands a run back to the queue (graceful shutdown): queued, no owner, so any executor continues
-/// it from its last memoized step. The attempt is given back: a release is not a crash.
+/// it from its last memoized step. The attempt is given back: a release is not a crash. The
+/// release wakes idle executors (the same NOTIFY as an insert), so a survivor takes the run at
+/// once instead of at its next poll.
 pub async fn release_if_owned(
     client: &impl Conn,
     id: &str,
@@ -363,21 +365,25 @@ pub async fn release_if_owned(
 ) -> Result<(), DbError> {
     let stmt = client
         .stmt(
-            "update spool.runs r
-                set status = 'queued', executor_id = null, incarnation = null,
-                    attempt = greatest(attempt - 1, 0), updated_at = now()
-              where id = $1 and claim_epoch = $2 and status = 'running'
-                and exists (select 1 from spool.executors e
-                             where e.id = r.executor_id and e.incarnation = r.incarnation)",
+            "with released as (
+                update spool.runs r
+                   set status = 'queued', executor_id = null, incarnation = null,
+                       attempt = greatest(attempt - 1, 0), updated_at = now()
+                 where id = $1 and claim_epoch = $2 and status = 'running'
+                   and exists (select 1 from spool.executors e
+                                where e.id = r.executor_id and e.incarnation = r.incarnation)
+                returning 1
+             )
+             select pg_notify('spool_runs', '') from released",
         )
         .await
         .map_err(DbError::from_pg)?;
-    let n = client
+    let released = client
         .pg()
-        .execute(&stmt, &[&id, &claim_epoch])
+        .query(&stmt, &[&id, &claim_epoch])
         .await
         .map_err(DbError::from_pg)?;
-    if n == 0 {
+    if released.is_empty() {
         return Err(DbError::Lost(id.to_string()));
     }
     Ok(())
