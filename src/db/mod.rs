@@ -18,6 +18,17 @@ use tokio::task::JoinHandle;
 
 pub use tls::PgTarget;
 
+/// The fencing condition every write for a claimed run adds to its compare-and-set on (id,
+/// claim_epoch, running): the incarnation that claimed the run (`r`) is still its executor's
+/// current one, so a superseded process cannot write even before its successor re-claims.
+macro_rules! claimer_is_current {
+    () => {
+        "exists (select 1 from spool.executors e
+                  where e.id = r.executor_id and e.incarnation = r.incarnation)"
+    };
+}
+pub(crate) use claimer_is_current;
+
 /// Errors from the database layer, classified by SQLSTATE and constraint name.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_postgres::Row;
 
-use super::DbError;
+use super::{claimer_is_current, DbError};
 
 /// Run columns in the order [`Run::from_row`] reads them.
 const RUN_COLUMNS: &str = "r.id, r.workflow, r.input, r.queue, r.concurrency_key, r.priority, \
@@ -331,13 +331,13 @@ pub async fn finish_if_owned(
     error: Option<&Value>,
 ) -> Result<(), DbError> {
     let stmt = client
-        .stmt(
+        .stmt(concat!(
             "update spool.runs r
                 set status = $3, output = $4, error = $5, finished_at = now(), updated_at = now()
               where id = $1 and claim_epoch = $2 and status = 'running'
-                and exists (select 1 from spool.executors e
-                             where e.id = r.executor_id and e.incarnation = r.incarnation)",
-        )
+                and ",
+            claimer_is_current!()
+        ))
         .await
         .map_err(DbError::from_pg)?;
     let n = client
@@ -364,18 +364,19 @@ pub async fn release_if_owned(
     claim_epoch: i64,
 ) -> Result<(), DbError> {
     let stmt = client
-        .stmt(
+        .stmt(concat!(
             "with released as (
                 update spool.runs r
                    set status = 'queued', executor_id = null, incarnation = null,
                        attempt = greatest(attempt - 1, 0), updated_at = now()
                  where id = $1 and claim_epoch = $2 and status = 'running'
-                   and exists (select 1 from spool.executors e
-                                where e.id = r.executor_id and e.incarnation = r.incarnation)
+                   and ",
+            claimer_is_current!(),
+            "
                 returning 1
              )
-             select pg_notify('spool_runs', '') from released",
-        )
+             select pg_notify('spool_runs', '') from released"
+        ))
         .await
         .map_err(DbError::from_pg)?;
     let released = client
@@ -425,17 +426,18 @@ pub async fn finish_many_if_owned(
     finishes: &[Finish],
 ) -> Result<Vec<Result<(), DbError>>, DbError> {
     let stmt = client
-        .stmt(
+        .stmt(concat!(
             "update spool.runs r
                 set status = b.status, output = b.output, error = b.error,
                     finished_at = now(), updated_at = now()
                from unnest($1::text[], $2::int8[], $3::text[], $4::jsonb[], $5::jsonb[])
                     as b(id, epoch, status, output, error)
               where r.id = b.id and r.claim_epoch = b.epoch and r.status = 'running'
-                and exists (select 1 from spool.executors e
-                             where e.id = r.executor_id and e.incarnation = r.incarnation)
-             returning r.id",
-        )
+                and ",
+            claimer_is_current!(),
+            "
+             returning r.id"
+        ))
         .await
         .map_err(DbError::from_pg)?;
     let ids: Vec<&str> = finishes.iter().map(|f| f.id.as_str()).collect();

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::DbError;
+use super::{claimer_is_current, DbError};
 
 /// One memoized step.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -79,12 +79,13 @@ pub async fn record_step_if_owned(
     s: FinishedStep<'_>,
 ) -> Result<StepRecorded, DbError> {
     let stmt = client
-        .stmt(
+        .stmt(concat!(
             "with owner as (
                 select r.id, r.cancel_requested from spool.runs r
                  where r.id = $1 and r.claim_epoch = $2 and r.status = 'running'
-                   and exists (select 1 from spool.executors e
-                                where e.id = r.executor_id and e.incarnation = r.incarnation)
+                   and ",
+            claimer_is_current!(),
+            "
                  for share
              ), ins as (
                 insert into spool.operation_outputs
@@ -98,8 +99,8 @@ pub async fn record_step_if_owned(
                     or exists (select 1 from spool.operation_outputs p
                                 where p.run_id = $1 and p.step = $3
                                   and p.claim_epoch = $2 and p.name = $4)
-               from owner o",
-        )
+               from owner o"
+        ))
         .await
         .map_err(DbError::from_pg)?;
     let row = client
@@ -150,7 +151,7 @@ pub async fn record_steps_if_owned(
     writes: &[StepWrite],
 ) -> Result<Vec<Result<StepRecorded, DbError>>, DbError> {
     let stmt = client
-        .stmt(
+        .stmt(concat!(
             "with b as (
                 select * from unnest($1::text[], $2::int8[], $3::int4[], $4::text[], $5::jsonb[],
                                      $6::jsonb[], $7::timestamptz[], $8::jsonb[])
@@ -158,8 +159,9 @@ pub async fn record_steps_if_owned(
              ), owner as (
                 select r.cancel_requested, b.* from spool.runs r join b on b.run_id = r.id
                  where r.claim_epoch = b.epoch and r.status = 'running'
-                   and exists (select 1 from spool.executors e
-                                where e.id = r.executor_id and e.incarnation = r.incarnation)
+                   and ",
+            claimer_is_current!(),
+            "
                  for share of r
              ), ins as (
                 insert into spool.operation_outputs
@@ -175,8 +177,8 @@ pub async fn record_steps_if_owned(
                     or exists (select 1 from spool.operation_outputs p
                                 where p.run_id = o.run_id and p.step = o.step
                                   and p.claim_epoch = o.epoch and p.name = o.name)
-               from owner o",
-        )
+               from owner o"
+        ))
         .await
         .map_err(DbError::from_pg)?;
     let ids: Vec<&str> = writes.iter().map(|w| w.run_id.as_str()).collect();

@@ -17,6 +17,16 @@ fn step(output: &serde_json::Value) -> FinishedStep<'_> {
     }
 }
 
+/// Executor `e`, incarnation 1, serving every queue.
+fn first_incarnation(workflows: &[String]) -> Claimant<'_> {
+    Claimant {
+        executor_id: "e",
+        incarnation: 1,
+        workflows,
+        queues: None,
+    }
+}
+
 #[tokio::test]
 async fn a_stale_claim_epoch_can_neither_record_a_step_nor_complete_the_run() {
     let db = TestDb::new().await;
@@ -27,12 +37,7 @@ async fn a_stale_claim_epoch_can_neither_record_a_step_nor_complete_the_run() {
     .await;
     let client = db.client().await;
     let workflows = vec!["noop".to_string()];
-    let who = Claimant {
-        executor_id: "e",
-        incarnation: 1,
-        workflows: &workflows,
-        queues: None,
-    };
+    let who = first_incarnation(&workflows);
     let one = json!(1);
     let first = runs::claim(&client, &who, 1).await.unwrap().remove(0);
     assert_eq!(first.claim_epoch, 1);
@@ -195,12 +200,7 @@ async fn a_superseded_incarnation_cannot_write_even_before_its_successor_reclaim
     .await;
     let client = db.client().await;
     let workflows = vec!["noop".to_string()];
-    let who = Claimant {
-        executor_id: "e",
-        incarnation: 1,
-        workflows: &workflows,
-        queues: None,
-    };
+    let who = first_incarnation(&workflows);
     let claimed = runs::claim(&client, &who, 2).await.unwrap();
     assert_eq!(claimed.len(), 2);
     let one = json!(1);
