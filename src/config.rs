@@ -88,6 +88,10 @@ pub struct ServeArgs {
     /// How often owned runs that nobody executes are taken back, in milliseconds.
     #[arg(long, env = "SPOOL_RECOVERY_INTERVAL_MS", default_value_t = 10_000)]
     pub recovery_interval_ms: u64,
+    /// After repeated crashes, how long (ms) each group of suspect runs executes alone before
+    /// the next starts.
+    #[arg(long, env = "SPOOL_PROBATION_MS", default_value_t = 2_000)]
+    pub probation_ms: u64,
     /// At start, wait this long (ms) for a draining process with the same executor id to exit
     /// (rolling restarts); 0 refuses at once.
     #[arg(long, env = "SPOOL_LOCK_WAIT_MS", default_value_t = 0)]
@@ -181,6 +185,7 @@ impl Config {
         executor.poll_interval = Duration::from_millis(args.poll_interval_ms.max(1));
         executor.lock_wait = Duration::from_millis(args.lock_wait_ms);
         executor.recovery_interval = Duration::from_millis(args.recovery_interval_ms.max(100));
+        executor.probation = Duration::from_millis(args.probation_ms);
         let live = args.nats_url.filter(|u| !u.is_empty()).map(|url| {
             let mut l = LiveSettings::new(url);
             l.stream = args.nats_stream;

@@ -77,6 +77,25 @@ pub async fn heartbeat(
     Ok(n == 1)
 }
 
+/// Names the runs this incarnation is starting in isolation (empty: none); if the process dies
+/// now, only these are blamed (see `runs::reclaim_owned`).
+pub async fn set_probation(
+    client: &Client,
+    executor_id: &str,
+    incarnation: i64,
+    runs: &[String],
+) -> Result<(), DbError> {
+    client
+        .execute(
+            "update spool.executors set probation_runs = $3, probation_incarnation = $2
+              where id = $1 and incarnation = $2",
+            &[&executor_id, &incarnation, &runs],
+        )
+        .await
+        .map_err(DbError::from_pg)?;
+    Ok(())
+}
+
 /// Marks the incarnation stopped (clean shutdown).
 pub async fn mark_stopped(
     client: &Client,

@@ -41,6 +41,10 @@ pub struct Run {
     pub updated_at: DateTime<Utc>,
     #[serde(skip)]
     pub enqueue_seq: i64,
+    /// Columns that could not be decoded (see [`Run::from_row_offset`]); empty for every row
+    /// the schema's constraints and the decoder agree on.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub undecodable: Vec<String>,
 }
 
 impl Run {
@@ -92,7 +96,7 @@ pub async fn insert_run(client: &impl Conn, new: &NewRun) -> Result<(Run, bool),
     let stmt = client.stmt(&sql).await.map_err(DbError::from_pg)?;
     let row = client
         .pg()
-        .query_one(
+        .query_opt(
             &stmt,
             &[
                 &new.id,
@@ -108,6 +112,15 @@ pub async fn insert_run(client: &impl Conn, new: &NewRun) -> Result<(Run, bool),
         )
         .await
         .map_err(DbError::from_pg)?;
+    let Some(row) = row else {
+        // A concurrent insert of the same id committed while ours waited on it: ON CONFLICT saw
+        // it, but this statement's snapshot predates it. A new statement sees it.
+        let id = new.id.as_deref().unwrap_or_default();
+        return get_run(client, id)
+            .await?
+            .map(|run| (run, false))
+            .ok_or_else(|| DbError::Lost(id.to_string()));
+    };
     let created: bool = row.get(0);
     // skip the leading flag column
     let run = Run::from_row_offset(&row, 1);
@@ -115,30 +128,83 @@ pub async fn insert_run(client: &impl Conn, new: &NewRun) -> Result<(Run, bool),
 }
 
 impl Run {
+    /// Decodes a row, never panicking: a column this code cannot carry (JSON nested deeper than
+    /// the decoder allows, a number outside f64, a timestamp outside chrono's range) decodes as
+    /// null or the epoch and is named in [`Run::undecodable`]; the executor fails such a run
+    /// with `undecodable_row` and the API shows it with the note.
     fn from_row_offset(row: &Row, offset: usize) -> Self {
-        let g = |i: usize| i + offset;
-        Self {
-            id: row.get(g(0)),
-            workflow: row.get(g(1)),
-            input: row.get(g(2)),
-            queue: row.get(g(3)),
-            concurrency_key: row.get(g(4)),
-            priority: row.get(g(5)),
-            run_at: row.get(g(6)),
-            status: row.get(g(7)),
-            executor_id: row.get(g(8)),
-            attempt: row.get(g(9)),
-            max_attempts: row.get(g(10)),
-            claim_epoch: row.get(g(11)),
-            cancel_requested: row.get(g(12)),
-            output: row.get(g(13)),
-            error: row.get(g(14)),
-            created_at: row.get(g(15)),
-            started_at: row.get(g(16)),
-            finished_at: row.get(g(17)),
-            updated_at: row.get(g(18)),
-            enqueue_seq: row.get(g(19)),
+        let mut notes = Vec::new();
+        let mut d = Decoder {
+            row,
+            offset,
+            notes: &mut notes,
+        };
+        let mut run = Self {
+            id: d.get(0, "id"),
+            workflow: d.get(1, "workflow"),
+            input: d.get::<Option<Value>>(2, "input").unwrap_or(Value::Null),
+            queue: d.get(3, "queue"),
+            concurrency_key: d.get(4, "concurrency_key"),
+            priority: d.get(5, "priority"),
+            run_at: d.get_or(6, "run_at", DateTime::<Utc>::UNIX_EPOCH),
+            status: d.get(7, "status"),
+            executor_id: d.get(8, "executor_id"),
+            attempt: d.get(9, "attempt"),
+            max_attempts: d.get(10, "max_attempts"),
+            claim_epoch: d.get(11, "claim_epoch"),
+            cancel_requested: d.get(12, "cancel_requested"),
+            output: d.get(13, "output"),
+            error: d.get(14, "error"),
+            created_at: d.get_or(15, "created_at", DateTime::<Utc>::UNIX_EPOCH),
+            started_at: d.get(16, "started_at"),
+            finished_at: d.get(17, "finished_at"),
+            updated_at: d.get_or(18, "updated_at", DateTime::<Utc>::UNIX_EPOCH),
+            enqueue_seq: d.get(19, "enqueue_seq"),
+            undecodable: Vec::new(),
+        };
+        run.undecodable = notes;
+        run
+    }
+}
+
+/// Reads columns of one row without panicking; what fails to decode is noted by column name.
+struct Decoder<'a> {
+    row: &'a Row,
+    offset: usize,
+    notes: &'a mut Vec<String>,
+}
+
+impl<'a> Decoder<'a> {
+    fn get<T: tokio_postgres::types::FromSql<'a> + Default>(
+        &mut self,
+        i: usize,
+        column: &str,
+    ) -> T {
+        self.get_or(i, column, T::default())
+    }
+
+    fn get_or<T: tokio_postgres::types::FromSql<'a>>(
+        &mut self,
+        i: usize,
+        column: &str,
+        fallback: T,
+    ) -> T {
+        match self.row.try_get(i + self.offset) {
+            Ok(v) => v,
+            Err(e) => {
+                self.notes
+                    .push(format!("{column}: {}", describe_decode(&e)));
+                fallback
+            }
         }
+    }
+}
+
+/// A decode error's cause (tokio-postgres's own text only names the column index).
+fn describe_decode(e: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => cause.to_string(),
+        None => e.to_string(),
     }
 }
 
@@ -207,12 +273,34 @@ pub struct Claimant<'a> {
 
 /// Claims up to `limit` runnable runs in one statement.
 ///
-/// A run is runnable when it is queued, its `run_at` has come, this executor knows its workflow,
-/// and — when it has a concurrency key — no earlier unfinished run with the same (queue, key)
-/// exists. That last rule looks at queued *and* running runs in the statement's snapshot, so a
-/// head that another claimer has locked (and SKIP LOCKED skips) still blocks its successors:
-/// the claim never slides past a locked head of a key.
+/// A run is runnable when it is queued and ready (`key_ready`: a keyed run waiting behind
+/// another run of its key is not in the claim index at all, so deep keys cost a claim nothing),
+/// its `run_at` has come, and this executor knows its workflow. A keyed run must also be the
+/// earliest unfinished run of its (queue, key) in the statement's snapshot, and its key must
+/// have no running run. The database itself guarantees the last rule
+/// (`runs_one_running_per_key`): when inserts commit out of order and two claimers race for one
+/// key, the loser's statement fails on that index and is retried with a fresh snapshot, which
+/// skips the key.
 pub async fn claim(
+    client: &impl Conn,
+    who: &Claimant<'_>,
+    limit: i64,
+) -> Result<Vec<Run>, DbError> {
+    let mut tries = 0;
+    loop {
+        match claim_once(client, who, limit).await {
+            Err(DbError::Constraint { constraint, .. })
+                if constraint == "runs_one_running_per_key" && tries < 5 =>
+            {
+                tries += 1;
+                tracing::debug!("a claim raced another for one concurrency key; claiming again");
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn claim_once(
     client: &impl Conn,
     who: &Claimant<'_>,
     limit: i64,
@@ -225,15 +313,23 @@ pub async fn claim(
          ), candidates as (
             select r.id from spool.runs r
              where r.status = 'queued'
+               and r.key_ready
                and r.run_at <= now()
+               and r.attempt < 1000000 and r.claim_epoch < 1000000000000000
                and r.workflow = any($3)
                and ($4::text[] is null or r.queue = any($4))
-               and (r.concurrency_key is null or not exists (
-                        select 1 from spool.runs k
-                         where k.queue = r.queue
-                           and k.concurrency_key = r.concurrency_key
-                           and k.status in ('queued', 'running')
-                           and k.enqueue_seq < r.enqueue_seq))
+               and (r.concurrency_key is null or (
+                        not exists (
+                            select 1 from spool.runs k
+                             where k.queue = r.queue
+                               and k.concurrency_key = r.concurrency_key
+                               and k.status = 'running')
+                        and not exists (
+                            select 1 from spool.runs k
+                             where k.queue = r.queue
+                               and k.concurrency_key = r.concurrency_key
+                               and k.status in ('queued', 'running')
+                               and k.enqueue_seq < r.enqueue_seq)))
                and exists (select 1 from owner)
              order by r.priority, r.run_at, r.enqueue_seq
              limit $5
@@ -270,27 +366,74 @@ pub async fn claim(
     Ok(runs)
 }
 
+/// Makes ready the head of every key whose waiting runs have no ready or running run (see
+/// `spool.promote_waiting_keys`). Returns how many runs became ready.
+pub async fn promote_waiting_keys(client: &impl Conn) -> Result<i64, DbError> {
+    let stmt = client
+        .stmt("select spool.promote_waiting_keys()")
+        .await
+        .map_err(DbError::from_pg)?;
+    let row = client
+        .pg()
+        .query_one(&stmt, &[])
+        .await
+        .map_err(DbError::from_pg)?;
+    Ok(row.get(0))
+}
+
+/// A run taken back by [`reclaim_owned`], and whether this re-claim counted an attempt against
+/// it.
+#[derive(Debug, Clone)]
+pub struct Reclaimed {
+    pub run: Run,
+    /// The run was executing when an earlier incarnation died and could have caused it.
+    pub blamed: bool,
+}
+
 /// Takes back the runs this executor owns but is not executing: those left by an earlier
 /// incarnation (a crash), or claimed by this one and then lost track of (a claim whose reply
-/// never arrived). Each gets a new claim epoch and counts an attempt.
+/// never arrived). Each gets a new claim epoch.
+///
+/// An attempt is counted only against runs that could have caused a crash: if the incarnation
+/// that owned them was isolating suspects, the runs on probation; otherwise the runs that
+/// recorded no step since their last claim. A run lost track of by this incarnation is not
+/// blamed at all. The executors row is read `for share`, so a reclaim by a superseded
+/// incarnation serializes against its successor's registration and takes nothing.
 pub async fn reclaim_owned(
     client: &impl Conn,
     executor_id: &str,
     incarnation: i64,
     in_flight: &[String],
-) -> Result<Vec<Run>, DbError> {
+) -> Result<Vec<Reclaimed>, DbError> {
     let sql = format!(
-        "update spool.runs r
+        "with me as (
+            select e.probation_runs, e.probation_incarnation from spool.executors e
+             where e.id = $1 and e.incarnation = $2 and e.stopped_at is null
+             for share
+         ), b as (
+            select r.id,
+                   case
+                       when r.incarnation = $2 then false
+                       when m.probation_incarnation = r.incarnation
+                            and cardinality(m.probation_runs) > 0
+                           then r.id = any(m.probation_runs)
+                       else not exists (select 1 from spool.operation_outputs o
+                                         where o.run_id = r.id and o.claim_epoch = r.claim_epoch)
+                   end as blamed
+              from spool.runs r, me m
+             where r.executor_id = $1
+               and r.status = 'running'
+               and not (r.id = any($3))
+               and r.attempt < 1000000 and r.claim_epoch < 1000000000000000
+         )
+         update spool.runs r
             set claim_epoch = r.claim_epoch + 1,
-                attempt = r.attempt + 1,
+                attempt = r.attempt + b.blamed::int,
                 incarnation = $2,
                 updated_at = now()
-          where r.executor_id = $1
-            and r.status = 'running'
-            and not (r.id = any($3))
-            and exists (select 1 from spool.executors e
-                         where e.id = $1 and e.incarnation = $2 and e.stopped_at is null)
-         returning {RUN_COLUMNS}"
+           from b
+          where r.id = b.id and r.executor_id = $1 and r.status = 'running'
+         returning b.blamed, {RUN_COLUMNS}"
     );
     let stmt = client.stmt(&sql).await.map_err(DbError::from_pg)?;
     let rows = client
@@ -298,7 +441,13 @@ pub async fn reclaim_owned(
         .query(&stmt, &[&executor_id, &incarnation, &in_flight])
         .await
         .map_err(DbError::from_pg)?;
-    Ok(rows.iter().map(Run::from_row).collect())
+    Ok(rows
+        .iter()
+        .map(|row| Reclaimed {
+            blamed: row.get(0),
+            run: Run::from_row_offset(row, 1),
+        })
+        .collect())
 }
 
 /// The terminal statuses an executor may set.
@@ -450,7 +599,25 @@ pub async fn finish_many_if_owned(
         .query(&stmt, &[&ids, &epochs, &statuses, &outputs, &errors])
         .await
         .map_err(DbError::from_pg)?;
-    let done: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+    let mut done: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+    if done.len() < finishes.len() {
+        // A retry after a lost reply finds its own committed transition: the run ended with this
+        // status at this claim epoch, which only this claim can have written.
+        let stmt = client
+            .stmt(
+                "select r.id from spool.runs r
+                   join unnest($1::text[], $2::int8[], $3::text[]) as b(id, epoch, status)
+                     on r.id = b.id and r.claim_epoch = b.epoch and r.status = b.status",
+            )
+            .await
+            .map_err(DbError::from_pg)?;
+        let rows = client
+            .pg()
+            .query(&stmt, &[&ids, &epochs, &statuses])
+            .await
+            .map_err(DbError::from_pg)?;
+        done.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+    }
     Ok(finishes
         .iter()
         .map(|f| {

@@ -23,6 +23,9 @@ pub struct StepRecord {
     pub finished_at: DateTime<Utc>,
     /// Live-output chunks the step emitted, republished on replay.
     pub chunks: Vec<String>,
+    /// Columns that could not be decoded; empty for every row the schema and decoder agree on.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub undecodable: Vec<String>,
 }
 
 pub async fn load_steps(client: &impl Conn, run_id: &str) -> Result<Vec<StepRecord>, DbError> {
@@ -38,19 +41,44 @@ pub async fn load_steps(client: &impl Conn, run_id: &str) -> Result<Vec<StepReco
         .query(&stmt, &[&run_id])
         .await
         .map_err(DbError::from_pg)?;
-    Ok(rows
-        .iter()
-        .map(|r| StepRecord {
-            step: r.get(0),
-            name: r.get(1),
-            output: r.get(2),
-            error: r.get(3),
-            claim_epoch: r.get(4),
-            started_at: r.get(5),
-            finished_at: r.get(6),
-            chunks: r.get(7),
+    Ok(rows.iter().map(decode_step).collect())
+}
+
+/// Decodes a step row without panicking: what cannot be decoded (JSON deeper than the decoder
+/// allows, a number outside f64, a NULL chunk written by hand) is named in
+/// [`StepRecord::undecodable`]; the executor fails such a run, the API shows the note.
+fn decode_step(r: &tokio_postgres::Row) -> StepRecord {
+    fn soft<'a, T: tokio_postgres::types::FromSql<'a>>(
+        r: &'a tokio_postgres::Row,
+        i: usize,
+        column: &str,
+        fallback: T,
+        notes: &mut Vec<String>,
+    ) -> T {
+        r.try_get(i).unwrap_or_else(|e: tokio_postgres::Error| {
+            let cause = std::error::Error::source(&e)
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| e.to_string());
+            notes.push(format!("{column}: {cause}"));
+            fallback
         })
-        .collect())
+    }
+    let mut notes = Vec::new();
+    let chunks: Vec<Option<String>> = soft(r, 7, "chunks", Vec::new(), &mut notes);
+    if chunks.iter().any(Option::is_none) {
+        notes.push("chunks: a NULL element".to_string());
+    }
+    StepRecord {
+        step: r.get(0),
+        name: r.get(1),
+        output: soft(r, 2, "output", None, &mut notes),
+        error: soft(r, 3, "error", None, &mut notes),
+        claim_epoch: r.get(4),
+        started_at: soft(r, 5, "started_at", DateTime::<Utc>::UNIX_EPOCH, &mut notes),
+        finished_at: soft(r, 6, "finished_at", DateTime::<Utc>::UNIX_EPOCH, &mut notes),
+        chunks: chunks.into_iter().flatten().collect(),
+        undecodable: notes,
+    }
 }
 
 /// What recording a step tells the recorder about its run.

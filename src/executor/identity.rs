@@ -82,6 +82,10 @@ impl ExecutorLock {
         executors::heartbeat(&self.conn.client, &self.executor_id, self.incarnation).await
     }
 
+    pub async fn set_probation(&self, runs: &[String]) -> Result<(), DbError> {
+        executors::set_probation(&self.conn.client, &self.executor_id, self.incarnation, runs).await
+    }
+
     pub async fn mark_stopped(&self) -> Result<(), DbError> {
         executors::mark_stopped(&self.conn.client, &self.executor_id, self.incarnation).await
     }

@@ -12,6 +12,7 @@
 pub mod batcher;
 pub mod identity;
 pub mod metrics;
+pub mod probation;
 pub mod runner;
 pub mod wakeup;
 
@@ -55,6 +56,10 @@ pub struct ExecutorSettings {
     /// How long to wait at start for the executor id to be released by a process that is still
     /// draining (rolling restart); zero refuses at once.
     pub lock_wait: Duration,
+    /// How long a group of suspects runs alone after repeated crashes (see [`probation`]).
+    pub probation: Duration,
+    /// How often the key sweep looks for keys whose waiting runs nobody made ready.
+    pub key_sweep_interval: Duration,
 }
 
 impl ExecutorSettings {
@@ -69,6 +74,8 @@ impl ExecutorSettings {
             queues: None,
             db_patience: Duration::from_secs(120),
             lock_wait: Duration::ZERO,
+            probation: Duration::from_secs(2),
+            key_sweep_interval: Duration::from_secs(1),
         }
     }
 }
@@ -175,6 +182,7 @@ pub async fn start(
         tasks: JoinSet::new(),
         in_flight: HashMap::new(),
         wake: Arc::new(Notify::new()),
+        isolation: probation::Isolation::default(),
         _write_tasks: write_tasks.map(AbortOnDrop),
     };
     let task = tokio::spawn(control.run(stop.clone()));
@@ -200,6 +208,8 @@ struct ControlLoop {
     /// Run id → (claim epoch, task) for every run this process is executing.
     in_flight: HashMap<String, (i64, AbortHandle)>,
     wake: Arc<Notify>,
+    /// Suspects of repeated crashes started alone, and the runs held back meanwhile.
+    isolation: probation::Isolation,
     /// The batched-write tasks; they end with the loop (after the drain).
     _write_tasks: [AbortOnDrop<()>; 2],
 }
@@ -216,6 +226,7 @@ impl ControlLoop {
         let mut next_poll = Instant::now();
         let mut next_recovery = Instant::now();
         let mut next_heartbeat = Instant::now() + Duration::from_secs(5);
+        let mut next_key_sweep = Instant::now() + jittered(self.settings.key_sweep_interval);
         // After a wake-up, one more claim a little later: the rate-limited trigger may have
         // skipped an insert that committed just after the one that notified.
         let mut catch_up: Option<Instant> = None;
@@ -231,11 +242,20 @@ impl ControlLoop {
                 }
                 next_heartbeat = Instant::now() + Duration::from_secs(5);
             }
-            self.fill_slots().await;
+            if now >= next_key_sweep {
+                self.sweep_keys().await;
+                next_key_sweep = Instant::now() + jittered(self.settings.key_sweep_interval);
+            }
+            self.advance_isolation().await;
+            if !self.isolation.active() {
+                self.fill_slots().await;
+            }
             let wake_at = [
                 Some(next_poll),
                 Some(next_recovery),
                 Some(next_heartbeat),
+                Some(next_key_sweep),
+                self.isolation.group().map(|g| g.until),
                 catch_up,
             ]
             .into_iter()
@@ -344,18 +364,69 @@ impl ControlLoop {
         .await;
         match recovered {
             Ok(runs) => {
-                for run in &runs {
-                    tracing::info!(run = %run.id, attempt = run.attempt, "recovered an owned run; replaying it");
+                for r in &runs {
+                    tracing::info!(run = %r.run.id, attempt = r.run.attempt, blamed = r.blamed, "recovered an owned run; replaying it");
                 }
                 self.deps
                     .metrics
                     .recovered
                     .fetch_add(runs.len() as u64, Ordering::Relaxed);
-                for run in runs {
+                for run in self.isolation.admit(runs) {
                     self.spawn(run);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "recovery failed; will retry"),
+        }
+    }
+
+    /// Moves isolation along: when the group on probation has passed, the next group is
+    /// recorded and started; once none is left, the record is cleared and the runs held back
+    /// start. A group is recorded before it starts and cleared before anything else starts, so
+    /// a crash always blames exactly the runs that were executing.
+    async fn advance_isolation(&mut self) {
+        if !self.isolation.active() {
+            return;
+        }
+        let in_flight = &self.in_flight;
+        if self.isolation.group_passed(|id| in_flight.contains_key(id)) {
+            self.isolation.end_group();
+        }
+        if self.isolation.group().is_some() {
+            return;
+        }
+        let ids = self.isolation.next_group().unwrap_or_default();
+        if let Err(e) = self.lock.set_probation(&ids).await {
+            tracing::warn!(error = %e, "cannot record the runs on probation; retrying");
+            return;
+        }
+        if ids.is_empty() {
+            for run in self.isolation.release_held() {
+                self.spawn(run);
+            }
+            tracing::info!("isolation over; claiming again");
+            return;
+        }
+        for run in self
+            .isolation
+            .start_group(Instant::now() + self.settings.probation)
+        {
+            tracing::info!(run = %run.id, attempt = run.attempt, "starting a suspect alone");
+            self.spawn(run);
+        }
+    }
+
+    /// Makes ready the waiting runs of keys that nobody made ready (see
+    /// `spool.promote_waiting_keys`).
+    async fn sweep_keys(&mut self) {
+        let promoted = async {
+            let client = self.claims.get().await?;
+            runs::promote_waiting_keys(&client).await
+        }
+        .await;
+        match promoted {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(runs = n, "key sweep made waiting runs ready"),
+            Err(e) => tracing::warn!(error = %e, "key sweep failed; will retry"),
         }
     }
 
@@ -446,7 +517,12 @@ impl ControlLoop {
                 self.in_flight.remove(&id);
             }
         }
-        for (id, (epoch, _)) in std::mem::take(&mut self.in_flight) {
+        let waiting = self.isolation.take_waiting();
+        let waiting = waiting.into_iter().map(|r| (r.id, r.claim_epoch));
+        let in_flight = std::mem::take(&mut self.in_flight)
+            .into_iter()
+            .map(|(id, (epoch, _))| (id, epoch));
+        for (id, epoch) in in_flight.chain(waiting) {
             let released = async {
                 let client = self.pool.get().await?;
                 runs::release_if_owned(&client, &id, epoch).await

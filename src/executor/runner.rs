@@ -108,6 +108,9 @@ async fn decide(run: Run, deps: &RunnerDeps, sink: Arc<dyn ChunkSink>) -> Option
             Some(json!({"code": "attempts_exhausted", "message": message})),
         ));
     }
+    if !run.undecodable.is_empty() {
+        return Some(undecodable("the run's row", &run.undecodable));
+    }
     if run.cancel_requested {
         return Some(cancelled());
     }
@@ -140,6 +143,12 @@ async fn decide(run: Run, deps: &RunnerDeps, sink: Arc<dyn ChunkSink>) -> Option
             return None;
         }
     };
+    if let Some(bad) = memo.iter().find(|s| !s.undecodable.is_empty()) {
+        return Some(undecodable(
+            &format!("memoized step {} ({:?})", bad.step, bad.name),
+            &bad.undecodable,
+        ));
+    }
     let identity = RunIdentity {
         run_id: run.id.clone(),
         claim_epoch: run.claim_epoch,
@@ -190,5 +199,19 @@ fn cancelled() -> End {
         Outcome::Cancelled,
         None,
         Some(json!({"code": "cancelled", "message": "cancelled at a step boundary"})),
+    )
+}
+
+/// A row written by hand with values this executor cannot decode: the run fails with a clear
+/// error instead of panicking or stalling (the schema's constraints keep most such values out).
+fn undecodable(what: &str, notes: &[String]) -> End {
+    let message = format!(
+        "{what} holds values Spool cannot decode: {}",
+        notes.join("; ")
+    );
+    (
+        Outcome::Failed,
+        None,
+        Some(json!({"code": "undecodable_row", "message": message})),
     )
 }

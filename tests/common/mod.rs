@@ -127,6 +127,7 @@ impl TestDb {
         settings: ExecutorSettings,
         registry: Registry,
     ) -> RunningExecutor {
+        init_test_log();
         executor::start(
             settings,
             self.target.clone(),
@@ -193,4 +194,15 @@ pub async fn wait_steps(db: &TestDb, run_id: &str, n: i64) {
         || async { (steps_done(db, run_id).await >= n).then_some(()) },
     )
     .await;
+}
+
+/// With `SPOOL_TEST_LOG` set (an env-filter such as `spool=debug`), in-process executors log to
+/// the test's output.
+pub fn init_test_log() {
+    if let Ok(filter) = std::env::var("SPOOL_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
 }

@@ -220,3 +220,55 @@ async fn a_token_guards_everything_but_health() {
     let (s, b) = get(&base, "/readyz").await;
     assert_eq!((s, &b["status"]), (StatusCode::OK, &json!("ready")));
 }
+
+/// Two identical `POST /v1/runs` with one id at the same moment: the second waits on the
+/// first's uncommitted row, and must then answer 200 with the run (it used to read its old
+/// snapshot, find nothing and answer 500).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_identical_posts_with_one_id_at_once_both_succeed() {
+    let db = TestDb::new().await;
+    let base = serve(&db, None).await;
+    // The first request's insert, not yet committed.
+    let first = spool::db::connect_dedicated(&db.target, "first-post", None)
+        .await
+        .unwrap();
+    first
+        .client
+        .batch_execute(
+            "begin; insert into spool.runs (id, workflow, input) values ('same', 'noop', '{\"n\": 1}');",
+        )
+        .await
+        .unwrap();
+    let second = {
+        let base = base.clone();
+        tokio::spawn(async move {
+            post(
+                &base,
+                "/v1/runs",
+                r#"{"id": "same", "workflow": "noop", "input": {"n": 1}}"#,
+            )
+            .await
+        })
+    };
+    crate::common::wait_until(
+        "the second insert to wait on the first",
+        Duration::from_secs(10),
+        || {
+            let db = &db;
+            async move {
+                (db.scalar_i64(
+                    "select count(*) from pg_stat_activity
+                      where wait_event_type = 'Lock' and query like '%insert into spool.runs%'",
+                )
+                .await
+                    > 0)
+                .then_some(())
+            }
+        },
+    )
+    .await;
+    first.client.batch_execute("commit").await.unwrap();
+    let (status, body) = second.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["id"], "same");
+}

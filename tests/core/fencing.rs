@@ -47,8 +47,8 @@ async fn a_stale_claim_epoch_can_neither_record_a_step_nor_complete_the_run() {
         .await;
     let retaken = runs::reclaim_owned(&client, "e", 2, &[]).await.unwrap();
     assert_eq!(retaken.len(), 1);
-    assert_eq!(retaken[0].claim_epoch, 2);
-    assert_eq!(retaken[0].attempt, 2);
+    assert_eq!(retaken[0].run.claim_epoch, 2);
+    assert_eq!(retaken[0].run.attempt, 2);
 
     // The zombie of epoch 1 tries to write.
     let stale_step = steps::record_step_if_owned(&client, "r1", 1, step(&one)).await;
@@ -257,4 +257,113 @@ async fn a_superseded_incarnation_cannot_write_even_before_its_successor_reclaim
         .unwrap();
     assert_eq!(db.status("r1").await, "succeeded");
     assert_eq!(db.status("r2").await, "running");
+}
+
+/// `reclaim_owned` reads the executors row `for share`, like the claim: a superseded
+/// incarnation's reclaim that starts while its successor is registering waits for it, then takes
+/// nothing (without the lock it committed just before its successor and re-owned the runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_incarnations_reclaim_serializes_with_its_successor_and_takes_nothing() {
+    let db = TestDb::new().await;
+    db.exec(
+        "insert into spool.executors (id, workflows) values ('e', '{noop}');
+         insert into spool.runs (id, workflow) values ('r1', 'noop');",
+    )
+    .await;
+    let workflows = vec!["noop".to_string()];
+    runs::claim(&db.client().await, &first_incarnation(&workflows), 1)
+        .await
+        .unwrap();
+
+    // The successor registers (incarnation 2) in a transaction that has not committed yet.
+    let successor = spool::db::connect_dedicated(&db.target, "successor", None)
+        .await
+        .unwrap();
+    successor
+        .client
+        .batch_execute("begin; update spool.executors set incarnation = 2 where id = 'e';")
+        .await
+        .unwrap();
+
+    // The old incarnation, still running, recovers its runs meanwhile.
+    let pool = db.pool.clone();
+    let old = tokio::spawn(async move {
+        let client = pool.get().await.unwrap();
+        runs::reclaim_owned(&client, "e", 1, &[])
+            .await
+            .unwrap()
+            .len()
+    });
+    crate::common::wait_until(
+        "the old incarnation's reclaim to wait for the registration (or to finish)",
+        std::time::Duration::from_secs(10),
+        || {
+            let db = &db;
+            let finished = old.is_finished();
+            async move {
+                let waiting = db
+                    .scalar_i64(
+                        "select count(*) from pg_stat_activity
+                          where wait_event_type = 'Lock' and query like '%spool.runs%'",
+                    )
+                    .await;
+                (finished || waiting > 0).then_some(())
+            }
+        },
+    )
+    .await;
+    successor.client.batch_execute("commit").await.unwrap();
+    assert_eq!(
+        old.await.unwrap(),
+        0,
+        "a superseded incarnation re-owned runs while its successor was registering"
+    );
+}
+
+/// A finish whose commit succeeded but whose reply was lost is retried (the batcher retries
+/// connectivity errors): the retry must recognise its own committed transition, not report the
+/// run lost.
+#[tokio::test]
+async fn a_retried_finish_recognises_its_own_committed_transition() {
+    let db = TestDb::new().await;
+    db.exec(
+        "insert into spool.executors (id, workflows) values ('e', '{noop}');
+         insert into spool.runs (id, workflow) values ('r1', 'noop'), ('r2', 'noop');",
+    )
+    .await;
+    let client = db.client().await;
+    let workflows = vec!["noop".to_string()];
+    let claimed = runs::claim(&client, &first_incarnation(&workflows), 2)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    let finishes: Vec<Finish> = ["r1", "r2"]
+        .iter()
+        .map(|id| Finish {
+            id: id.to_string(),
+            claim_epoch: 1,
+            outcome: Outcome::Succeeded,
+            output: Some(json!({"ok": true})),
+            error: None,
+        })
+        .collect();
+    let first = runs::finish_many_if_owned(&client, &finishes)
+        .await
+        .unwrap();
+    assert!(first.iter().all(Result::is_ok));
+    // the same batch again, as after a lost reply
+    let retry = runs::finish_many_if_owned(&client, &finishes)
+        .await
+        .unwrap();
+    assert!(
+        retry.iter().all(Result::is_ok),
+        "the retry reported its own committed finish as lost: {retry:?}"
+    );
+    // a different outcome at the same epoch is not ours
+    let other = Finish {
+        outcome: Outcome::Failed,
+        ..finishes[0].clone()
+    };
+    let refused = runs::finish_many_if_owned(&client, &[other]).await.unwrap();
+    assert!(matches!(refused[0], Err(DbError::Lost(_))), "{refused:?}");
 }

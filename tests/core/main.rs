@@ -6,6 +6,7 @@ mod common;
 mod api;
 mod claim;
 mod fencing;
+mod hostile_rows;
 mod per_key;
 mod replay;
 mod schema;

@@ -213,3 +213,61 @@ async fn a_run_that_aborts_the_process_every_time_ends_dead_and_other_runs_compl
         );
     }
 }
+
+/// Invariants 8 and 9: a poison run that aborts the process at start uses up its own attempts,
+/// not those of the long runs it shared the executor with. With the default max_attempts, the
+/// poison run ends dead and every ticker succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_run_uses_up_only_its_own_attempts_and_innocent_runs_succeed() {
+    let db = TestDb::new().await;
+    // one statement: the executor claims all five together, so the first crash hits them all
+    db.exec(
+        "insert into spool.runs (id, workflow, input)
+         select 'ticker-' || i, 'ticker', '{\"count\": 30, \"interval_ms\": 40, \"steps\": 30}'::jsonb
+           from generate_series(1, 4) i
+         union all
+         select 'poison', 'abort', '{}'::jsonb",
+    )
+    .await;
+    let mut crashes = 0;
+    let survivor = loop {
+        let mut p = SpoolProcess::spawn(Binary::ExampleServer, &db, "crashy", &[]);
+        let poison_ended = wait_until(
+            "the executor to crash or the poison run to end",
+            Duration::from_secs(60),
+            || {
+                let exited = p.try_exited();
+                let db = &db;
+                async move {
+                    if exited {
+                        return Some(false);
+                    }
+                    (db.status("poison").await == "dead").then_some(true)
+                }
+            },
+        )
+        .await;
+        if poison_ended {
+            break p;
+        }
+        crashes += 1;
+        assert!(crashes <= 12, "the executor crash-looped {crashes} times");
+    };
+    for i in 1..=4 {
+        let id = format!("ticker-{i}");
+        assert_eq!(
+            wait_terminal(&db, &id, Duration::from_secs(60)).await,
+            "succeeded",
+            "{id} was dragged down by the poison run"
+        );
+    }
+    let error: Value = db
+        .client()
+        .await
+        .query_one("select error from spool.runs where id = 'poison'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(error["code"], "attempts_exhausted");
+    drop(survivor);
+}
