@@ -5,12 +5,16 @@
 //!
 //! Each write keeps its own fence: the batched statements are the same compare-and-set on
 //! (id, claim epoch, status) as the single-row ones, and each write learns its own outcome.
+//! One bad write must not fail the others: when a batch statement fails for any reason but a
+//! lost connection, its writes are sent again one at a time through the same statement, so only
+//! the write the database refuses gets an error.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
+use futures::future::BoxFuture;
+use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -22,6 +26,10 @@ use crate::db::{self, DbError};
 const MAX_BATCH: usize = 512;
 
 type Request<I, O> = (I, oneshot::Sender<Result<O, DbError>>);
+
+/// What one batch statement answers: each write's own outcome in input order, or an error of
+/// the statement as a whole.
+pub type BatchResult<O> = Result<Vec<Result<O, DbError>>, DbError>;
 
 /// A queue of writes executed in batches by one task.
 pub struct Batcher<I, O> {
@@ -36,12 +44,12 @@ impl<I, O> Clone for Batcher<I, O> {
     }
 }
 
-impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
-    /// Starts the batch task; `exec` runs one batch and answers each item in order.
-    pub fn start<F, Fut>(exec: F) -> (Self, JoinHandle<()>)
+impl<I: Send + Sync + 'static, O: Send + 'static> Batcher<I, O> {
+    /// Starts the batch task; `exec` runs one batch statement. A statement that fails for any
+    /// reason but connectivity is retried one write at a time (see [`execute_isolating`]).
+    pub fn start<F>(exec: F) -> (Self, JoinHandle<()>)
     where
-        F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Vec<Result<O, DbError>>> + Send,
+        F: for<'a> Fn(&'a [I]) -> BoxFuture<'a, BatchResult<O>> + Send + Sync + 'static,
     {
         let (tx, mut rx) = mpsc::channel::<Request<I, O>>(MAX_BATCH * 4);
         let task = tokio::spawn(async move {
@@ -49,7 +57,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
                 let (items, replies): (Vec<I>, Vec<_>) =
                     std::mem::take(&mut batch).into_iter().unzip();
-                let results = exec(items).await;
+                let results = execute_isolating(&exec, &items).await;
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
                 }
@@ -71,6 +79,64 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     }
 }
 
+/// Runs `items` as one statement. When the statement fails and the database was reachable, the
+/// failure may belong to a single write (a value the database refuses), so each write is sent
+/// again alone through the same fenced statement and gets its own outcome: the refused one its
+/// own error, the others their normal result. A batch that failed because the database is
+/// unreachable keeps one outcome for all, as does the rest of a one-by-one pass once a write
+/// finds the database unreachable (each alone would only wait out the same patience again).
+async fn execute_isolating<I, O, F>(exec: &F, items: &[I]) -> Vec<Result<O, DbError>>
+where
+    F: for<'a> Fn(&'a [I]) -> BoxFuture<'a, BatchResult<O>>,
+{
+    let error = match exec(items).await {
+        Ok(results) => return results,
+        Err(e) => e,
+    };
+    if items.len() == 1 {
+        return vec![Err(error)];
+    }
+    if error.is_connectivity() {
+        return spread(&error, items.len());
+    }
+    tracing::warn!(error = %error, writes = items.len(), "a batched write failed; writing its items one by one");
+    let mut results = Vec::with_capacity(items.len());
+    let mut unreachable: Option<String> = None;
+    for one in items.chunks(1) {
+        if let Some(message) = &unreachable {
+            results.push(Err(DbError::Pool(message.clone())));
+            continue;
+        }
+        results.push(match exec(one).await {
+            Ok(mut result) => result
+                .pop()
+                .unwrap_or_else(|| Err(DbError::Batch("the statement gave no outcome".into()))),
+            Err(e) => {
+                if e.is_connectivity() {
+                    unreachable = Some(e.to_string());
+                }
+                Err(e)
+            }
+        });
+    }
+    results
+}
+
+/// True when the database refused a write for the values it holds — a data exception (such as
+/// U+0000 in jsonb or text), a constraint, a value over a limit: SQLSTATE classes 22, 23 and 54 —
+/// rather than for when or where it was sent, so sending it again would be refused again.
+/// Meaningful for a write that failed alone, as every write a [`Batcher`] answers with a
+/// database error did. (A classification by SQLSTATE that belongs on `DbError`.)
+pub fn refuses_the_value(e: &DbError) -> bool {
+    match e {
+        DbError::Constraint { .. } => true,
+        DbError::Postgres(e) => e
+            .as_db_error()
+            .is_some_and(|db| matches!(db.code().code().get(..2), Some("22" | "23" | "54"))),
+        _ => false,
+    }
+}
+
 /// The executor's two write queues.
 #[derive(Clone)]
 pub struct Writes {
@@ -83,50 +149,147 @@ impl Writes {
     pub fn start(pool: Pool, patience: Duration) -> (Self, [JoinHandle<()>; 2]) {
         let pool = Arc::new(pool);
         let p = pool.clone();
-        let (steps, a) = Batcher::start(move |items: Vec<StepWrite>| {
+        let (steps, a) = Batcher::start(move |items: &[StepWrite]| {
             let pool = p.clone();
-            async move {
-                let n = items.len();
-                let r = db::with_patience(patience, || async {
+            db::with_patience(patience, move || {
+                let pool = pool.clone();
+                async move {
                     let client = pool.get().await?;
-                    steps::record_steps_if_owned(&client, &items).await
-                })
-                .await;
-                spread(r, n)
-            }
+                    steps::record_steps_if_owned(&client, items).await
+                }
+            })
+            .boxed()
         });
-        let (finishes, b) = Batcher::start(move |items: Vec<Finish>| {
+        let (finishes, b) = Batcher::start(move |items: &[Finish]| {
             let pool = pool.clone();
-            async move {
-                let n = items.len();
-                let r = db::with_patience(patience, || async {
+            db::with_patience(patience, move || {
+                let pool = pool.clone();
+                async move {
                     let client = pool.get().await?;
-                    runs::finish_many_if_owned(&client, &items).await
-                })
-                .await;
-                spread(r, n)
-            }
+                    runs::finish_many_if_owned(&client, items).await
+                }
+            })
+            .boxed()
         });
         (Self { steps, finishes }, [a, b])
     }
 }
 
-/// A batch's failure becomes every item's failure (connectivity stays connectivity).
-fn spread<O>(r: Result<Vec<Result<O, DbError>>, DbError>, n: usize) -> Vec<Result<O, DbError>> {
-    match r {
-        Ok(v) => v,
-        Err(e) => {
-            let connectivity = e.is_connectivity();
-            let message = e.to_string();
-            (0..n)
-                .map(|_| {
-                    Err(if connectivity {
-                        DbError::Pool(message.clone())
-                    } else {
-                        DbError::Batch(message.clone())
-                    })
-                })
-                .collect()
+/// A whole statement's failure as every one of its `n` writes' failure (connectivity stays
+/// connectivity; the error itself cannot be cloned).
+fn spread<O>(e: &DbError, n: usize) -> Vec<Result<O, DbError>> {
+    let connectivity = e.is_connectivity();
+    let message = e.to_string();
+    (0..n)
+        .map(|_| {
+            Err(if connectivity {
+                DbError::Pool(message.clone())
+            } else {
+                DbError::Batch(message.clone())
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A batch statement stand-in over numbered writes: it refuses a whole batch that holds
+    /// write 13 (as a CHECK constraint would), answers `n * 10` for every other write, and logs
+    /// the batches it was given. `unreachable_at` makes the given write alone find the database
+    /// gone, and `batch_error` replaces the refusal of a batch holding write 13.
+    fn fake_statement(
+        log: Arc<Mutex<Vec<Vec<u32>>>>,
+        batch_error: fn() -> DbError,
+        unreachable_at: Option<u32>,
+    ) -> impl for<'a> Fn(&'a [u32]) -> BoxFuture<'a, BatchResult<u32>> + Send + Sync + 'static {
+        move |items: &[u32]| {
+            log.lock().unwrap().push(items.to_vec());
+            let answer = if items.len() == 1 && Some(items[0]) == unreachable_at {
+                Err(DbError::Pool("connection refused".into()))
+            } else if items.contains(&13) {
+                Err(batch_error())
+            } else {
+                Ok(items.iter().map(|n| Ok(n * 10)).collect())
+            };
+            async move { answer }.boxed()
         }
+    }
+
+    fn refused() -> DbError {
+        DbError::Constraint {
+            constraint: "no_thirteen".into(),
+            message: "new row violates check constraint \"no_thirteen\"".into(),
+        }
+    }
+
+    fn unreachable() -> DbError {
+        DbError::Pool("connection refused".into())
+    }
+
+    /// Submits 1, 13 and 2 together: on this single-threaded runtime the batch task runs only
+    /// after all three are queued, so they form one batch.
+    async fn submit_three(batcher: &Batcher<u32, u32>) -> [Result<u32, DbError>; 3] {
+        let (a, b, c) = tokio::join!(batcher.submit(1), batcher.submit(13), batcher.submit(2));
+        [a, b, c]
+    }
+
+    #[tokio::test]
+    async fn a_refused_write_fails_alone_and_its_batch_mates_are_written() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (batcher, task) = Batcher::start(fake_statement(log.clone(), refused, None));
+        let [one, thirteen, two] = submit_three(&batcher).await;
+
+        assert_eq!(one.unwrap(), 10);
+        assert_eq!(two.unwrap(), 20);
+        assert!(
+            matches!(&thirteen, Err(DbError::Constraint { constraint, .. }) if constraint == "no_thirteen"),
+            "the refused write keeps its own classified error: {thirteen:?}"
+        );
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec![vec![1, 13, 2], vec![1], vec![13], vec![2]],
+            "one batch, then each write alone through the same statement"
+        );
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_cannot_reach_the_database_fails_every_write_without_retrying_each() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (batcher, task) = Batcher::start(fake_statement(log.clone(), unreachable, None));
+        let results = submit_three(&batcher).await;
+
+        for result in &results {
+            assert!(
+                matches!(result, Err(e) if e.is_connectivity()),
+                "{result:?}"
+            );
+        }
+        assert_eq!(*log.lock().unwrap(), vec![vec![1, 13, 2]]);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn writes_after_the_database_goes_away_in_a_one_by_one_pass_are_not_sent() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (batcher, task) = Batcher::start(fake_statement(log.clone(), refused, Some(1)));
+        let results = submit_three(&batcher).await;
+
+        for result in &results {
+            assert!(
+                matches!(result, Err(e) if e.is_connectivity()),
+                "{result:?}"
+            );
+        }
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec![vec![1, 13, 2], vec![1]],
+            "once a write alone finds the database unreachable, the rest get that outcome"
+        );
+        task.abort();
     }
 }

@@ -1,5 +1,7 @@
 //! Executes one claimed run: checks the attempt limit and cancellation, loads its memoized
-//! steps, runs the workflow and records the run's one terminal transition.
+//! steps, runs the workflow and records the run's one terminal transition. An end PostgreSQL
+//! cannot store (U+0000 in the output or error, or a value the database refuses) becomes a
+//! `failed` end with `invalid_output`, so it neither fails the finish batch nor loops.
 //!
 //! Architecture invariant: no pooled connection, transaction or row lock is held while workflow
 //! code runs; each database call takes a connection for that call only.
@@ -12,11 +14,12 @@ use deadpool_postgres::Pool;
 use futures::FutureExt;
 use serde_json::{json, Value};
 
-use super::batcher::Writes;
+use super::batcher::{refuses_the_value, Writes};
 use crate::db::runs::{Finish, Outcome, Run};
 use crate::db::{self, DbError};
 use crate::workflow::{
-    ChunkSink, DiscardChunks, Registry, RunContext, RunEnd, RunIdentity, WorkflowError,
+    nul_path, ChunkSink, DiscardChunks, Registry, RunContext, RunEnd, RunIdentity, WorkflowError,
+    NUL_REFUSED,
 };
 
 use super::metrics::Metrics;
@@ -50,23 +53,32 @@ pub async fn execute(run: Run, deps: Arc<RunnerDeps>) {
         claim_epoch: run.claim_epoch,
         attempt: run.attempt,
     });
-    let (outcome, output, error) = match decide(run, &deps, sink.clone()).await {
-        Some(end) => end,
+    let (mut outcome, mut output, mut error) = match decide(run, &deps, sink.clone()).await {
+        Some(end) => storable(end),
         None => return,
     };
     // every chunk acknowledged before the end is committed ...
     sink.flush().await;
-    let finish = deps
-        .writes
-        .finishes
-        .submit(Finish {
+    let submit = |outcome: Outcome, output: &Option<Value>, error: &Option<Value>| {
+        deps.writes.finishes.submit(Finish {
             id: id.clone(),
             claim_epoch: epoch,
             outcome,
             output: output.clone(),
             error: error.clone(),
         })
-        .await;
+    };
+    let mut finish = submit(outcome, &output, &error).await;
+    if let Err(e) = &finish {
+        if refuses_the_value(e) {
+            // Nothing about this run will change the database's mind: end it failed, saying why.
+            (outcome, output, error) = invalid_output(format!(
+                "the database refused to store the run's end ({}): {e}",
+                outcome.as_str()
+            ));
+            finish = submit(outcome, &output, &error).await;
+        }
+    }
     match finish {
         Ok(()) => {
             deps.metrics.finished(outcome);
@@ -91,6 +103,29 @@ pub async fn execute(run: Run, deps: Arc<RunnerDeps>) {
 }
 
 type End = (Outcome, Option<Value>, Option<Value>);
+
+fn invalid_output(message: String) -> End {
+    (
+        Outcome::Failed,
+        None,
+        Some(WorkflowError::InvalidOutput(message).to_json()),
+    )
+}
+
+/// `end`, or an `invalid_output` failure when its output or error holds U+0000.
+fn storable(end: End) -> End {
+    if let Some(path) = end.1.as_ref().and_then(nul_path) {
+        return invalid_output(format!(
+            "the workflow returned an output holding U+0000 at {path}; {NUL_REFUSED}"
+        ));
+    }
+    if let Some(path) = end.2.as_ref().and_then(nul_path) {
+        return invalid_output(format!(
+            "the run's error holds U+0000 at {path}; {NUL_REFUSED}"
+        ));
+    }
+    end
+}
 
 /// Runs the workflow and decides the terminal transition, or `None` when there is nothing to
 /// record (the run was lost, or the database is unreachable and recovery will retry).
@@ -161,19 +196,32 @@ async fn decide(run: Run, deps: &RunnerDeps, sink: Arc<dyn ChunkSink>) -> Option
         run.cancel_requested,
         sink,
     );
-    let result = AssertUnwindSafe(workflow(ctx, run.input))
+    let result = AssertUnwindSafe(workflow(ctx.clone(), run.input))
         .catch_unwind()
         .await;
+    let end = end_of(result, &run.id, deps);
+    // A value that could not be stored fails the run, even when the workflow caught the step's
+    // error and carried on (or stopped another way).
+    match (end, ctx.refusal()) {
+        (Some(_), Some(refused)) => Some((Outcome::Failed, None, Some(refused.to_json()))),
+        (end, _) => end,
+    }
+}
+
+type Caught = Result<Result<Value, WorkflowError>, Box<dyn std::any::Any + Send>>;
+
+/// The terminal transition for what the workflow returned (or how it panicked).
+fn end_of(result: Caught, run_id: &str, deps: &RunnerDeps) -> Option<End> {
     match result {
         Ok(Ok(output)) => Some((Outcome::Succeeded, Some(output), None)),
         Ok(Err(WorkflowError::Cancelled)) => Some(cancelled()),
         Ok(Err(WorkflowError::Lost)) => {
             deps.metrics.lost();
-            tracing::warn!(run = %run.id, "run was taken over; this attempt stops");
+            tracing::warn!(run = %run_id, "run was taken over; this attempt stops");
             None
         }
         Ok(Err(WorkflowError::Database(e))) => {
-            tracing::warn!(run = %run.id, error = %e, "database unreachable; the run is recovered later");
+            tracing::warn!(run = %run_id, error = %e, "database unreachable; the run is recovered later");
             None
         }
         Ok(Err(e)) => Some((Outcome::Failed, None, Some(e.to_json()))),

@@ -3,6 +3,10 @@
 //!
 //! Steps of one run execute one after another; their numbers come from the order in which the
 //! workflow asks for them, which is why replay must ask in the same order.
+//!
+//! Values PostgreSQL cannot store (U+0000 in a step's output, error or chunks, or in any chunk)
+//! are refused here, before they reach the executor's batched writes: the run fails with
+//! `invalid_output` and no other run's write is affected.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -16,9 +20,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{StepError, WorkflowError};
+use super::{nul_path, StepError, WorkflowError, NUL_REFUSED};
 use crate::db::steps::{FinishedStep, StepRecord, StepRecorded, StepWrite};
-use crate::executor::batcher::Batcher;
+use crate::executor::batcher::{refuses_the_value, Batcher};
 
 /// Which attempt of which run a context belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,8 +143,22 @@ struct Inner {
     chunks: Arc<dyn ChunkSink>,
     /// Chunks emitted in this attempt so far, replayed ones included.
     emitted: AtomicUsize,
-    /// Chunks of the step in flight, recorded with its output.
-    step_chunks: Mutex<Option<Vec<String>>>,
+    /// The step in flight, whose chunks are recorded with its output.
+    in_flight: Mutex<Option<StepInFlight>>,
+    /// The first value of this attempt that could not be stored (why, for the run's error). Once
+    /// set, no further step runs and the run fails with `invalid_output`, even if the workflow
+    /// caught the step's error.
+    refused: Mutex<Option<String>>,
+}
+
+struct StepInFlight {
+    /// `step 3 ("name")`, for messages.
+    label: String,
+    chunks: Vec<String>,
+}
+
+fn step_label(number: i32, name: &str) -> String {
+    format!("step {number} ({name:?})")
 }
 
 impl RunContext {
@@ -160,7 +178,8 @@ impl RunContext {
                 cancel_requested: AtomicBool::new(cancel_requested),
                 chunks,
                 emitted: AtomicUsize::new(0),
-                step_chunks: Mutex::new(None),
+                in_flight: Mutex::new(None),
+                refused: Mutex::new(None),
             }),
         }
     }
@@ -190,10 +209,32 @@ impl RunContext {
     /// Emits a chunk of live output. Chunks emitted inside a step are memoized with it and
     /// republished when the step is replayed; chunks emitted between steps are emitted again
     /// because the code between steps runs again.
+    ///
+    /// A chunk holding U+0000 is not published, and the run fails with `invalid_output` (its
+    /// next step, or its end, reports it): inside a step it could not be memoized, and one rule
+    /// for every chunk beats output that changes with where it was emitted.
     pub async fn emit(&self, chunk: impl Into<String>) {
         let chunk = chunk.into();
-        if let Some(buffer) = self.inner.step_chunks.lock().unwrap().as_mut() {
-            buffer.push(chunk.clone());
+        {
+            let mut in_flight = self.inner.in_flight.lock().unwrap();
+            if chunk.contains('\0') {
+                let message = match in_flight.as_ref() {
+                    Some(step) => format!(
+                        "{} emitted a chunk holding U+0000 (its chunk {}); {NUL_REFUSED}",
+                        step.label,
+                        step.chunks.len() + 1
+                    ),
+                    None => format!(
+                        "the workflow emitted a chunk holding U+0000 between steps; {NUL_REFUSED}"
+                    ),
+                };
+                drop(in_flight);
+                self.refuse(message);
+                return;
+            }
+            if let Some(step) = in_flight.as_mut() {
+                step.chunks.push(chunk.clone());
+            }
         }
         self.inner.emitted.fetch_add(1, Ordering::SeqCst);
         self.inner.chunks.emit(chunk).await;
@@ -228,6 +269,9 @@ impl RunContext {
         Fut: Future<Output = Result<T, StepError>>,
     {
         let number = self.inner.step_counter.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(refused) = self.refusal() {
+            return Err(refused);
+        }
         if let Some(recorded) = self.inner.memo.get(&number) {
             if recorded.name == name {
                 for chunk in &recorded.chunks {
@@ -246,10 +290,14 @@ impl RunContext {
             attempt: self.inner.identity.attempt,
         };
         let started_at = Utc::now();
+        let label = step_label(number, name);
         let mut retries = 0;
         let outcome = loop {
             let mark = self.inner.emitted.load(Ordering::SeqCst);
-            *self.inner.step_chunks.lock().unwrap() = Some(Vec::new());
+            *self.inner.in_flight.lock().unwrap() = Some(StepInFlight {
+                label: label.clone(),
+                chunks: Vec::new(),
+            });
             match f(info.clone()).await {
                 Ok(value) => break Ok(value),
                 Err(StepError::Retryable(message)) if retries < policy.max_retries => {
@@ -267,15 +315,25 @@ impl RunContext {
         };
         let chunks = self
             .inner
-            .step_chunks
+            .in_flight
             .lock()
             .unwrap()
             .take()
+            .map(|step| step.chunks)
             .unwrap_or_default();
+        if let Some(refused) = self.refusal() {
+            // one of the step's chunks could not be stored: nor can the step
+            return Err(refused);
+        }
         match outcome {
             Ok(value) => {
                 let json = serde_json::to_value(&value)
                     .map_err(|e| WorkflowError::Encode(e.to_string()))?;
+                if let Some(path) = nul_path(&json) {
+                    return Err(self.refuse(format!(
+                        "{label} returned an output holding U+0000 at {path}; {NUL_REFUSED}"
+                    )));
+                }
                 self.record(FinishedStep {
                     step: number,
                     name,
@@ -289,6 +347,11 @@ impl RunContext {
             }
             Err(message) => {
                 let error = json!({"code": "step_failed", "message": message});
+                if let Some(path) = nul_path(&error) {
+                    return Err(self.refuse(format!(
+                        "{label} failed with an error holding U+0000 at {path}; {NUL_REFUSED}"
+                    )));
+                }
                 self.record(FinishedStep {
                     step: number,
                     name,
@@ -307,11 +370,30 @@ impl RunContext {
         }
     }
 
+    /// Why this attempt must fail with `invalid_output`, once a value could not be stored.
+    pub(crate) fn refusal(&self) -> Option<WorkflowError> {
+        self.inner
+            .refused
+            .lock()
+            .unwrap()
+            .clone()
+            .map(WorkflowError::InvalidOutput)
+    }
+
+    /// Marks the attempt as failed by a value that cannot be stored; the first reason stays.
+    fn refuse(&self, message: String) -> WorkflowError {
+        let mut refused = self.inner.refused.lock().unwrap();
+        let first = refused.get_or_insert(message);
+        tracing::warn!(run = %self.inner.identity.run_id, reason = %first, "run fails: a value cannot be stored");
+        WorkflowError::InvalidOutput(first.clone())
+    }
+
     /// Records a step through the executor's batched writes (which retry while the database is
-    /// unreachable, and recognise a retried write that had committed as ours).
+    /// unreachable, and recognise a retried write that had committed as ours). A write the
+    /// database refuses for what it holds fails the run: it would be refused on every attempt.
     async fn record(&self, step: FinishedStep<'_>) -> Result<(), WorkflowError> {
         let id = &self.inner.identity;
-        let recorded = self
+        let submitted = self
             .inner
             .steps
             .submit(StepWrite {
@@ -324,7 +406,17 @@ impl RunContext {
                 chunks: step.chunks.to_vec(),
                 started_at: step.started_at,
             })
-            .await?;
+            .await;
+        let recorded = match submitted {
+            Ok(recorded) => recorded,
+            Err(e) if refuses_the_value(&e) => {
+                return Err(self.refuse(format!(
+                    "the database refused to store {}: {e}",
+                    step_label(step.step, step.name)
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
         if recorded.cancel_requested {
             self.inner.cancel_requested.store(true, Ordering::Relaxed);
         }

@@ -74,6 +74,11 @@ pub enum WorkflowError {
     Database(DbError),
     #[error("cannot encode step output: {0}")]
     Encode(String),
+    /// A step's output, error or chunk, or the run's own output or error, holds a value
+    /// PostgreSQL cannot store (U+0000), or the database refused to store it. The run fails;
+    /// trying again would produce the same value.
+    #[error("{0}")]
+    InvalidOutput(String),
 }
 
 impl WorkflowError {
@@ -92,6 +97,7 @@ impl WorkflowError {
             Self::Lost => "lost",
             Self::Database(_) => "database_unavailable",
             Self::Encode(_) => "encode_failed",
+            Self::InvalidOutput(_) => "invalid_output",
         };
         json!({"code": code, "message": self.to_string()})
     }
@@ -104,6 +110,56 @@ impl From<DbError> for WorkflowError {
             other => WorkflowError::Database(other),
         }
     }
+}
+
+/// Why a value holding U+0000 is refused, for the end of an `invalid_output` message.
+pub(crate) const NUL_REFUSED: &str = "PostgreSQL cannot store U+0000 (NUL) in jsonb or text";
+
+/// Where `value` holds U+0000, in a string or an object key at any depth, as a path such as
+/// `$["items"][2]` (`$` is the value itself); `None` when PostgreSQL can store it. One walk.
+pub(crate) fn nul_path(value: &Value) -> Option<String> {
+    enum Segment<'v> {
+        Key(&'v str),
+        Index(usize),
+    }
+    /// True when `value` holds U+0000; `path` then leads to it (and is left as it was otherwise).
+    fn walk<'v>(value: &'v Value, path: &mut Vec<Segment<'v>>) -> bool {
+        match value {
+            Value::String(s) => s.contains('\0'),
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    path.push(Segment::Index(i));
+                    if walk(item, path) {
+                        return true;
+                    }
+                    path.pop();
+                }
+                false
+            }
+            Value::Object(map) => {
+                for (key, item) in map {
+                    path.push(Segment::Key(key));
+                    if key.contains('\0') || walk(item, path) {
+                        return true;
+                    }
+                    path.pop();
+                }
+                false
+            }
+            Value::Null | Value::Bool(_) | Value::Number(_) => false,
+        }
+    }
+    let mut path = Vec::new();
+    walk(value, &mut path).then(|| {
+        let mut rendered = String::from("$");
+        for segment in path {
+            match segment {
+                Segment::Key(key) => rendered.push_str(&format!("[{key:?}]")),
+                Segment::Index(i) => rendered.push_str(&format!("[{i}]")),
+            }
+        }
+        rendered
+    })
 }
 
 /// A registered workflow: takes the run's context and raw JSON input.
@@ -160,5 +216,34 @@ impl Registry {
     /// Registered names, sorted.
     pub fn names(&self) -> Vec<String> {
         self.workflows.keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::nul_path;
+
+    #[test]
+    fn nul_is_found_in_any_string_or_key_at_any_depth() {
+        assert_eq!(nul_path(&json!("a\u{0}b")).as_deref(), Some("$"));
+        assert_eq!(
+            nul_path(&json!({"a": [1, "x", {"b": "\u{0}"}]})).as_deref(),
+            Some(r#"$["a"][2]["b"]"#)
+        );
+        assert_eq!(
+            nul_path(&json!([{"ok": 1}, {"k\u{0}": null}])).as_deref(),
+            Some(r#"$[1]["k\0"]"#)
+        );
+    }
+
+    #[test]
+    fn values_postgres_can_store_pass() {
+        assert_eq!(nul_path(&json!(null)), None);
+        assert_eq!(
+            nul_path(&json!({"a": [1, "x", {"b": "\\u0000 spelled out", "c": true}]})),
+            None
+        );
     }
 }

@@ -4,6 +4,7 @@
 mod common;
 
 mod api;
+mod batch_isolation;
 mod claim;
 mod fencing;
 mod hostile_rows;
