@@ -34,3 +34,7 @@ chaos runs="1000" kills="50" seed="1":
 # Benchmarks: throughput, latency, live output, recovery and memory against the raw SQL ceiling; writes bench/results.md
 bench:
     scripts/bench.sh
+
+# Hand-inserted edge-value rows (seeded) mixed with normal runs: refused or documented, never a panic or a stall
+hostile rows="20000" seed="1":
+    SPOOL_HOSTILE_ROWS={{rows}} SPOOL_HOSTILE_SEED={{seed}} scripts/test.sh --test core --no-capture hostile_rows

@@ -112,8 +112,12 @@ pub struct StepInfo {
     pub run_id: String,
     pub step: i32,
     pub name: String,
-    /// The run's attempt (claim count); a step re-executed after a crash sees a higher one.
+    /// The run's attempt: claims charged against it (a re-claim after a crash the run cannot
+    /// have caused, or after a release, is not charged).
     pub attempt: i32,
+    /// The run's claim epoch: changes on every claim, so a step re-executed after a crash
+    /// always sees a higher one.
+    pub claim_epoch: i64,
 }
 
 impl StepInfo {
@@ -288,6 +292,7 @@ impl RunContext {
             step: number,
             name: name.to_string(),
             attempt: self.inner.identity.attempt,
+            claim_epoch: self.inner.identity.claim_epoch,
         };
         let started_at = Utc::now();
         let label = step_label(number, name);

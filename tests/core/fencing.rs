@@ -181,11 +181,28 @@ async fn batched_writes_fence_each_run_by_its_own_claim_epoch() {
     assert!(matches!(results[1], Err(DbError::Lost(_))));
     assert_eq!(db.status("cur").await, "succeeded");
     assert_eq!(db.status("old").await, "running");
+    let finished_at = db
+        .scalar_i64("select extract(epoch from finished_at)::int8 * 1000000 + extract(microseconds from finished_at)::int8 from spool.runs where id = 'cur'")
+        .await;
+    // the same finish again (a retry after a lost reply) is recognised, and changes nothing
     let twice = runs::finish_many_if_owned(&client, &[finish("cur", 3)])
         .await
         .unwrap();
+    assert!(twice[0].is_ok(), "{twice:?}");
+    assert_eq!(
+        db.scalar_i64("select extract(epoch from finished_at)::int8 * 1000000 + extract(microseconds from finished_at)::int8 from spool.runs where id = 'cur'")
+            .await,
+        finished_at,
+        "one terminal transition only"
+    );
+    // another outcome at the same epoch is a second transition: refused
+    let other = Finish {
+        outcome: Outcome::Failed,
+        ..finish("cur", 3)
+    };
+    let refused = runs::finish_many_if_owned(&client, &[other]).await.unwrap();
     assert!(
-        matches!(twice[0], Err(DbError::Lost(_))),
+        matches!(refused[0], Err(DbError::Lost(_))),
         "one terminal transition only"
     );
 }

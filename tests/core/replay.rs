@@ -37,7 +37,7 @@ fn four_steps(pool: Pool, names: [&'static str; 4]) -> Registry {
                 let out: String = ctx
                     .step(name, move |s| {
                         let p = p.clone();
-                        async move { side_effect(&p, &s, i == 2 && s.attempt == 1).await }
+                        async move { side_effect(&p, &s, i == 2 && s.claim_epoch == 1).await }
                     })
                     .await?;
                 outputs.push(out);
@@ -105,7 +105,9 @@ async fn a_run_killed_after_step_two_resumes_at_step_three_and_runs_steps_one_an
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(run.attempt, 2);
+    // steps 1 and 2 were recorded in the crashed attempt: the crash is not charged to the run
+    assert_eq!(run.attempt, 1);
+    assert_eq!(run.claim_epoch, 2);
     assert_eq!(
         run.output,
         Some(json!(["s1 done", "s2 done", "s3 done", "s4 done"]))
