@@ -52,6 +52,10 @@ create index runs_claim_idx on spool.runs (priority, run_at, enqueue_seq)
 create unique index runs_one_running_per_key on spool.runs (queue, concurrency_key)
     where status = 'running' and concurrency_key is not null;
 
+-- The claim's per-key check: the ready queued runs of a key (one, or a few after a race).
+create index runs_key_head_idx on spool.runs (queue, concurrency_key, enqueue_seq)
+    where status = 'queued' and key_ready and concurrency_key is not null;
+
 -- The key sweep walks the distinct keys of waiting runs.
 create index runs_key_waiting_idx on spool.runs (queue, concurrency_key, enqueue_seq)
     where status = 'queued' and not key_ready;

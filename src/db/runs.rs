@@ -276,8 +276,11 @@ pub struct Claimant<'a> {
 /// A run is runnable when it is queued and ready (`key_ready`: a keyed run waiting behind
 /// another run of its key is not in the claim index at all, so deep keys cost a claim nothing),
 /// its `run_at` has come, and this executor knows its workflow. A keyed run must also be the
-/// earliest unfinished run of its (queue, key) in the statement's snapshot, and its key must
-/// have no running run. The database itself guarantees the last rule
+/// earliest *ready* run of its (queue, key) in the statement's snapshot, and its key must have
+/// no running run. (A waiting run with a lower `enqueue_seq` is one whose insert committed late:
+/// it runs after the ready one, when that one's end makes it ready.) Both checks are scalar
+/// subqueries, so each is one probe of a small index per candidate (`runs_one_running_per_key`,
+/// `runs_key_head_idx`) whatever the statistics say. The database itself guarantees the last rule
 /// (`runs_one_running_per_key`): when inserts commit out of order and two claimers race for one
 /// key, the loser's statement fails on that index and is retried with a fresh snapshot, which
 /// skips the key.
@@ -319,17 +322,15 @@ async fn claim_once(
                and r.workflow = any($3)
                and ($4::text[] is null or r.queue = any($4))
                and (r.concurrency_key is null or (
-                        not exists (
-                            select 1 from spool.runs k
-                             where k.queue = r.queue
-                               and k.concurrency_key = r.concurrency_key
-                               and k.status = 'running')
-                        and not exists (
-                            select 1 from spool.runs k
-                             where k.queue = r.queue
-                               and k.concurrency_key = r.concurrency_key
-                               and k.status in ('queued', 'running')
-                               and k.enqueue_seq < r.enqueue_seq)))
+                        (select 1 from spool.runs k
+                          where k.queue = r.queue and k.concurrency_key = r.concurrency_key
+                            and k.concurrency_key is not null and k.status = 'running'
+                          limit 1) is null
+                        and (select 1 from spool.runs k
+                              where k.queue = r.queue and k.concurrency_key = r.concurrency_key
+                                and k.concurrency_key is not null and k.status = 'queued'
+                                and k.key_ready and k.enqueue_seq < r.enqueue_seq
+                              limit 1) is null))
                and exists (select 1 from owner)
              order by r.priority, r.run_at, r.enqueue_seq
              limit $5
