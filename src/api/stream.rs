@@ -1,5 +1,23 @@
 //! `GET /v1/runs/{id}/stream`: the SSE attach endpoint.
 //!
+//! # On the wire
+//! Every event has an `id:` (see `crate::live::attach`), an `event:` naming its kind, and exactly
+//! one `data:` line holding one JSON value, so every SSE client (a browser's `EventSource`
+//! included) dispatches every event and hands back its data byte for byte:
+//!
+//! | event | data |
+//! |---|---|
+//! | `chunk` | the chunk as a JSON string: `"line one\r\nline two"`, `""` |
+//! | `reset` | `null` |
+//! | `done` | the run's output |
+//! | `failed`, `cancelled` | the run's error (`{"code", "message"}`) or `null` |
+//! | `unavailable` | a JSON string saying why live output is unavailable |
+//!
+//! Why JSON: SSE cannot carry a bare `\r` nor tell `\r\n` from `\n` (both end a line), and an
+//! event with no `data:` line is dropped by browsers. A JSON string has no raw line breaks,
+//! `""` is a data line like any other, and every client already has a JSON decoder. Non-ASCII
+//! text stays UTF-8 (not `\u` escapes).
+//!
 //! Each client gets a producer task (see `crate::live::attach`) feeding a bounded channel; the
 //! response reads from it. Attachers are capped per run and in total (429 past the cap). A
 //! client that stops reading is cut by the connection's write deadline (see `slow_clients`),
@@ -154,10 +172,68 @@ impl Drop for Owned {
 }
 
 fn sse_event(e: AttachEvent) -> Event {
-    let event = Event::default().id(e.id.to_string()).event(e.kind);
-    if e.data.is_empty() {
-        event
+    let data = wire_data(&e);
+    Event::default()
+        .id(e.id.to_string())
+        .event(e.kind)
+        .data(data)
+}
+
+/// An event's `data:` line: one line of JSON (see the module docs).
+fn wire_data(e: &AttachEvent) -> String {
+    match e.kind {
+        "reset" => "null".to_string(),
+        "done" | "failed" | "cancelled" => one_line_json(&e.data),
+        // chunks and messages: the text as a JSON string
+        _ => json_string(&e.data),
+    }
+}
+
+fn json_string(text: &str) -> String {
+    serde_json::Value::from(text).to_string()
+}
+
+/// The end payloads are compact JSON already (the publisher and Postgres both serialize with
+/// serde_json); anything else is re-serialized, or carried as a JSON string when it is not JSON.
+fn one_line_json(payload: &str) -> String {
+    if payload.trim().is_empty() {
+        "null".to_string()
+    } else if payload.contains(['\r', '\n']) {
+        match serde_json::from_str::<serde_json::Value>(payload) {
+            Ok(v) => v.to_string(),
+            Err(_) => json_string(payload),
+        }
+    } else if serde_json::from_str::<serde::de::IgnoredAny>(payload).is_ok() {
+        payload.to_string()
     } else {
-        event.data(e.data)
+        json_string(payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: &'static str, data: &str) -> AttachEvent {
+        AttachEvent {
+            id: 7,
+            kind,
+            data: data.to_string(),
+        }
+    }
+
+    #[test]
+    fn every_event_has_one_line_of_json_data() {
+        for chunk in ["a\rb", "line one\r\nline two", "", "x\n", "\n\n", "日本 🎉"] {
+            let data = wire_data(&event("chunk", chunk));
+            assert!(!data.contains(['\r', '\n']), "{data}");
+            assert_eq!(serde_json::from_str::<String>(&data).unwrap(), chunk);
+        }
+        assert_eq!(wire_data(&event("chunk", "日本")), "\"日本\"");
+        assert_eq!(wire_data(&event("reset", "")), "null");
+        assert_eq!(wire_data(&event("done", "{\"ticks\":3}")), "{\"ticks\":3}");
+        assert_eq!(wire_data(&event("done", "{\n\"a\": 1\n}")), "{\"a\":1}");
+        assert_eq!(wire_data(&event("cancelled", "")), "null");
+        assert_eq!(wire_data(&event("failed", "not json")), "\"not json\"");
     }
 }

@@ -6,6 +6,7 @@
 mod common;
 
 mod in_process;
+mod wire;
 
 use std::time::Duration;
 
