@@ -114,16 +114,12 @@ pub async fn attach(
     crate::validate::run_id(&id).map_err(|m| ApiError::bad_request("invalid_id", m))?;
     let after = match headers.get("last-event-id") {
         None => 0,
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_last_event_id",
-                    "Last-Event-ID must be an event id from this stream",
-                )
-            })?,
+        Some(v) => last_event_id(v.to_str().unwrap_or("")).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_last_event_id",
+                "Last-Event-ID must be an event id from this stream (0 to 9223372036854775807)",
+            )
+        })?,
     };
     let run = {
         let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
@@ -157,6 +153,18 @@ pub async fn attach(
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(state.attach.keep_alive))
         .into_response())
+}
+
+/// A `Last-Event-ID` this server could have issued: an event id is a JetStream stream sequence,
+/// which stays far below `i64::MAX`; anything larger (or not a decimal number) cannot be one and
+/// is refused. A well-formed id above the stream's last sequence is the attacher's to handle
+/// (`live::attach`: `reset`, then the output from the start).
+fn last_event_id(header: &str) -> Option<u64> {
+    let id = header.trim();
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    id.parse::<i64>().ok().map(|id| id as u64)
 }
 
 /// What a response stream owns: dropping it (client gone, connection cut) stops the producer.
@@ -219,6 +227,24 @@ mod tests {
             id: 7,
             kind,
             data: data.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_last_event_id_is_a_decimal_between_zero_and_i64_max() {
+        assert_eq!(last_event_id("0"), Some(0));
+        assert_eq!(last_event_id(" 42 "), Some(42));
+        assert_eq!(last_event_id("9223372036854775807"), Some(i64::MAX as u64));
+        for bad in [
+            "",
+            "9223372036854775808",
+            "18446744073709551615",
+            "-1",
+            "+1",
+            "1e3",
+            "x",
+        ] {
+            assert_eq!(last_event_id(bad), None, "{bad:?}");
         }
     }
 

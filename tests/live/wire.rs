@@ -1,5 +1,6 @@
 //! The attach protocol on the wire: chunks round-trip byte for byte to an SSE client nobody here
-//! wrote (the npm `eventsource` package, installed by `scripts/test.sh`).
+//! wrote (the npm `eventsource` package, installed by `scripts/test.sh`), and a `Last-Event-ID`
+//! that cannot exist is refused or restarts the output — never a hang.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -171,4 +172,52 @@ async fn every_chunk_round_trips_byte_for_byte_to_an_eventsource_client_nobody_h
     let ours = crate::collect(&base, "awkward", None, 1000).await;
     assert_eq!(crate::chunks(&ours), AWKWARD.map(String::from));
     assert_eq!(ours.last().unwrap().event, "done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_event_id_that_cannot_exist_is_refused_or_restarts_the_output_never_a_hang() {
+    let db = TestDb::new().await;
+    let nats = NatsServer::start().await;
+    let (base, _executor) = echo_server(&db, &nats).await;
+    echo_run(&db, "r", &["one", "two"]).await;
+
+    // Beyond any JetStream sequence (u64::MAX used to wrap to "from the start" or panic the
+    // producer, so the client never got its end event): refused.
+    for id in ["18446744073709551615", "9223372036854775808", "-1", "x"] {
+        let res = reqwest::Client::new()
+            .get(format!("{base}/v1/runs/r/stream"))
+            .header("last-event-id", id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 400, "Last-Event-ID {id}");
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(
+            body["error"]["code"], "invalid_last_event_id",
+            "{id}: {body}"
+        );
+    }
+
+    // A well-formed id past the end of the stream (from another stream, or a stream that was
+    // recreated): the client's view is unrelated to this output, so it gets `reset` and the
+    // whole output again, then the end.
+    let events = tokio::time::timeout(
+        Duration::from_secs(30),
+        crate::collect(&base, "r", Some("9223372036854775807"), 1000),
+    )
+    .await
+    .expect("the end event arrives");
+    let kinds: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e.event.as_str(), e.data.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("reset", ""),
+            ("chunk", "one"),
+            ("chunk", "two"),
+            ("done", "{\"chunks\":2}")
+        ]
+    );
 }
