@@ -12,6 +12,7 @@
 //! | `done` | the run's output |
 //! | `failed`, `cancelled` | the run's error (`{"code", "message"}`) or `null` |
 //! | `unavailable` | a JSON string saying why live output is unavailable |
+//! | `reconnect` | a JSON string; the last event of a stream the server ends while shutting down |
 //!
 //! Why JSON: SSE cannot carry a bare `\r` nor tell `\r\n` from `\n` (both end a line), and an
 //! event with no `data:` line is dropped by browsers. A JSON string has no raw line breaks,
@@ -23,18 +24,29 @@
 //! client that stops reading is cut by the connection's write deadline (see `slow_clients`),
 //! which drops the response and, with it, the producer and its consumer: server memory per
 //! client stays bounded, and the client resumes with `Last-Event-ID`.
+//!
+//! When the server shuts down ([`AttachLimits::end_all`]), every stream ends at once with a
+//! `reconnect` event whose id is that of the last event the client was handed (events still
+//! buffered are not sent): the client reconnects — to another process — with that id and
+//! continues with no gap and no duplicate, and the HTTP server's graceful shutdown, which waits
+//! for every response to finish, is not held up by runs that go on for minutes.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use futures::Stream;
 use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::{ApiError, AppState};
 use crate::db::runs;
@@ -43,7 +55,7 @@ use crate::live::attach::{self, AttachEvent};
 /// Events buffered per client between the producer and the connection.
 const CLIENT_BUFFER: usize = 64;
 
-/// Caps on attachers.
+/// Caps on attachers, and the switch that ends every attach stream when the server shuts down.
 #[derive(Debug)]
 pub struct AttachLimits {
     pub max_total: usize,
@@ -51,6 +63,9 @@ pub struct AttachLimits {
     pub keep_alive: Duration,
     total: AtomicUsize,
     per_run: Mutex<HashMap<String, usize>>,
+    /// Cancelled by [`AttachLimits::end_all`]: every stream, open or yet to open, ends with
+    /// `reconnect`.
+    closing: CancellationToken,
 }
 
 impl AttachLimits {
@@ -61,7 +76,14 @@ impl AttachLimits {
             keep_alive,
             total: AtomicUsize::new(0),
             per_run: Mutex::new(HashMap::new()),
+            closing: CancellationToken::new(),
         }
+    }
+
+    /// Ends every attach stream now (and any opened later) with `reconnect`: the server is
+    /// shutting down.
+    pub fn end_all(&self) {
+        self.closing.cancel();
     }
 
     /// Attachers connected right now.
@@ -139,17 +161,18 @@ pub async fn attach(
             "too many clients are attached; try again later",
         )
     })?;
-    let (tx, mut rx) = mpsc::channel::<AttachEvent>(CLIENT_BUFFER);
+    let (tx, rx) = mpsc::channel::<AttachEvent>(CLIENT_BUFFER);
     let producer = tokio::spawn(attach::produce(live, state.pool.clone(), run, after, tx));
-    let owned = Owned {
-        _guard: guard,
-        producer,
+    let events = AttachStream {
+        rx,
+        closing: Box::pin(state.attach.closing.clone().cancelled_owned()),
+        last_id: after,
+        ended: false,
+        _owned: Owned {
+            _guard: guard,
+            producer,
+        },
     };
-    let events = futures::stream::poll_fn(move |cx| {
-        let _ = &owned; // the stream owns the guard and the producer
-        rx.poll_recv(cx)
-            .map(|e| e.map(|e| Ok::<_, Infallible>(sse_event(e))))
-    });
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(state.attach.keep_alive))
         .into_response())
@@ -177,6 +200,53 @@ impl Drop for Owned {
     fn drop(&mut self) {
         self.producer.abort();
     }
+}
+
+/// A response's events: the producer's until the server shuts down, then `reconnect`.
+struct AttachStream {
+    rx: mpsc::Receiver<AttachEvent>,
+    closing: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Id of the last event handed to the client (at first, its `Last-Event-ID`): where it
+    /// resumes after `reconnect`.
+    last_id: u64,
+    ended: bool,
+    _owned: Owned,
+}
+
+impl Stream for AttachStream {
+    type Item = Result<Event, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        // shutdown first: events still buffered are left for the client's next connection
+        if this.closing.as_mut().poll(cx).is_ready() {
+            this.ended = true;
+            return Poll::Ready(Some(Ok(reconnect_event(this.last_id))));
+        }
+        match this.rx.poll_recv(cx) {
+            Poll::Ready(Some(e)) => {
+                this.last_id = e.id;
+                Poll::Ready(Some(Ok(sse_event(e))))
+            }
+            Poll::Ready(None) => {
+                this.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+fn reconnect_event(last_id: u64) -> Event {
+    Event::default()
+        .id(last_id.to_string())
+        .event("reconnect")
+        .data(json_string(
+            "the server is shutting down; reconnect with Last-Event-ID",
+        ))
 }
 
 fn sse_event(e: AttachEvent) -> Event {
