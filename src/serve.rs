@@ -133,7 +133,7 @@ pub async fn serve(
             tokio::select! {
                 r = server => r,
                 _ = grace_over => {
-                    tracing::warn!("HTTP connections still open after the grace period; closing them");
+                    tracing::warn!("HTTP connections still open after the grace period; not waiting for them");
                     Ok(())
                 }
             }
