@@ -441,10 +441,10 @@ async fn read_to_end(stream: &mut sse::SseStream, deadline: Instant) -> Seen {
             seen.chunks += 1;
             seen.first_chunk.get_or_insert_with(Instant::now);
             seen.last = Some(Instant::now());
-            let tick = e
-                .data
-                .strip_prefix("tick-")
-                .and_then(|n| n.parse::<u64>().ok());
+            // a chunk's data is a JSON string on the wire
+            let tick = serde_json::from_str::<String>(&e.data)
+                .ok()
+                .and_then(|text| text.strip_prefix("tick-")?.parse::<u64>().ok());
             seen.in_order &= tick == Some(seen.chunks);
         } else if e.is_end() {
             seen.end = Some(Instant::now());

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `just test`: start a private PostgreSQL under target/ (and make sure nats-server is installed;
-# the live-output tests start private ones), migrate a template database, run the whole suite, clean up.
+# `just test`: start a private PostgreSQL under target/ (and make sure nats-server and the npm
+# `eventsource` client are installed; the live-output tests start private nats-servers), migrate a
+# template database, run the whole suite, clean up.
 # Every test clones its own database from the template, so nothing leaks between tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,19 @@ DATABASE_URL="$base/spool_template?sslmode=disable" target/debug/spool migrate >
 
 # live-output tests start private nats-servers of their own (they kill and restart them)
 SPOOL_TEST_NATS_SERVER=$(scripts/nats.sh install)
-export SPOOL_TEST_PG="$base" SPOOL_TEST_TEMPLATE=spool_template SPOOL_TEST_NATS_SERVER
+# the attach-protocol wire tests read live output with an SSE client nobody here wrote: the npm
+# `eventsource` package (a WHATWG EventSource), pinned, installed under target/ (needs node >= 20)
+SPOOL_TEST_SSE_CLIENTS="$PWD/$root/sse-clients"
+eventsource_version=4.1.1
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "node >= 20 and npm are needed for the attach wire tests (apt-get install nodejs npm)" >&2
+  exit 1
+fi
+if [ "$(node -p "try { require('$SPOOL_TEST_SSE_CLIENTS/node_modules/eventsource/package.json').version } catch { '' }")" != "$eventsource_version" ]; then
+  mkdir -p "$SPOOL_TEST_SSE_CLIENTS"
+  npm install --silent --no-audit --no-fund --prefix "$SPOOL_TEST_SSE_CLIENTS" "eventsource@$eventsource_version" >&2
+fi
+export SPOOL_TEST_PG="$base" SPOOL_TEST_TEMPLATE=spool_template SPOOL_TEST_NATS_SERVER SPOOL_TEST_SSE_CLIENTS
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast --test-threads 4 "$@"
 else

@@ -1,6 +1,6 @@
 //! `spool attach ID` (and `spool enqueue … --attach`): prints a run's live output, resumes with
-//! `Last-Event-ID` when the connection drops, and exits 0 on `done`, 1 on `failed` or
-//! `cancelled`.
+//! `Last-Event-ID` when the connection drops or the server ends the stream (`reconnect`: it is
+//! shutting down), and exits 0 on `done`, 1 on `failed` or `cancelled`.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -39,7 +39,12 @@ pub async fn attach(server: &ServerArgs, run_id: &str) -> anyhow::Result<ExitCod
         };
         failures = 0;
         while let Some(event) = events.next().await {
-            let Ok(event) = event else { break };
+            let event = match event {
+                Ok(event) => event,
+                // resuming would meet the same event again
+                Err(e @ AttachError::Protocol { .. }) => return Err(e.into()),
+                Err(_) => break,
+            };
             if event.id.is_some() {
                 last_id = event.id.clone();
             }

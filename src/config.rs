@@ -79,7 +79,8 @@ pub struct ServeArgs {
     /// Comma-separated queues to serve (default: all).
     #[arg(long, env = "SPOOL_QUEUES", value_delimiter = ',')]
     pub queues: Option<Vec<String>>,
-    /// Grace period for in-flight runs on SIGTERM/SIGINT, in milliseconds.
+    /// Grace period on SIGTERM/SIGINT, in milliseconds: for in-flight runs (then released to the
+    /// queue) and HTTP requests (then closed); attach streams end at once with `reconnect`.
     #[arg(long, env = "SPOOL_GRACE_PERIOD_MS", default_value_t = 10_000)]
     pub grace_period_ms: u64,
     /// Fallback poll interval in milliseconds (jittered).

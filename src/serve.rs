@@ -1,7 +1,10 @@
 //! `spool serve`: migrate, then run the executor and the HTTP API in one process until SIGTERM or
 //! SIGINT, then drain. Shutdown is explicit plumbing: one cancellation token reaches the executor
-//! and the HTTP server.
+//! and the HTTP server; the HTTP server then ends every attach stream with `reconnect` and waits
+//! for other requests at most the grace period (`SPOOL_GRACE_PERIOD_MS`), as the executor does
+//! for its runs.
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -105,13 +108,35 @@ pub async fn serve(
                 config.keep_alive,
             )),
         };
+        let attachers = state.attach.clone();
         let app = api::router(state);
         let listener = DeadlineListener::new(listener, config.slow_client_timeout, metrics.clone());
         let http_stop = stop.clone();
+        let grace_over = {
+            let stop = stop.clone();
+            let grace = config.executor.grace_period;
+            async move {
+                stop.cancelled().await;
+                tokio::time::sleep(grace).await;
+            }
+        };
         Some(tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { http_stop.cancelled().await })
-                .await
+            // Graceful: stop accepting, end every attach stream (with `reconnect`: its client
+            // resumes elsewhere), let other requests finish. Bounded by the grace period, so a
+            // connection that never finishes cannot keep the process alive.
+            let server = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    http_stop.cancelled().await;
+                    attachers.end_all();
+                })
+                .into_future();
+            tokio::select! {
+                r = server => r,
+                _ = grace_over => {
+                    tracing::warn!("HTTP connections still open after the grace period; not waiting for them");
+                    Ok(())
+                }
+            }
         }))
     } else {
         None

@@ -1,14 +1,22 @@
 //! A small client for the attach protocol (SSE): used by `spool attach` and by the tests.
-//! It parses `id:`, `event:` and `data:` fields, ignores comments (keep-alives), and resumes
-//! with `Last-Event-ID` when asked to.
+//! It parses `id:`, `event:` and `data:` fields, ignores comments (keep-alives), decodes each
+//! event's data, and resumes with `Last-Event-ID` when asked to.
+//!
+//! On the wire every event's data is one line of JSON (see `api::stream` and the README's attach
+//! section); [`SseEvent::data`] is what it carries: the text of a `chunk`, `unavailable` or
+//! `reconnect` (a JSON string on the wire), empty for `reset` (`null`), and the JSON text of the
+//! output or error of `done`, `failed` and `cancelled`.
 
 use futures::{Stream, StreamExt};
 
-/// One server-sent event.
+/// One server-sent event, its data decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SseEvent {
     pub id: Option<String>,
     pub event: String,
+    /// The chunk's text for `chunk` (byte for byte what the workflow emitted), the message for
+    /// `unavailable` and `reconnect`, empty for `reset`, the JSON text of the output or error
+    /// for the end events.
     pub data: String,
 }
 
@@ -24,6 +32,8 @@ pub enum AttachError {
     Status { status: u16, body: String },
     #[error("connection failed: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("malformed {event} event: {reason}")]
+    Protocol { event: String, reason: String },
 }
 
 /// Opens `GET {base}/v1/runs/{id}/stream`, resuming after `last_event_id` when given.
@@ -69,7 +79,7 @@ where
                 if let Some(pos) = find_blank_line(&buf) {
                     let block: Vec<u8> = buf.drain(..pos.0 + pos.1).collect();
                     if let Some(event) = parse_block(&String::from_utf8_lossy(&block[..pos.0])) {
-                        return Some((Ok(event), (bytes, buf)));
+                        return Some((decode(event), (bytes, buf)));
                     }
                     continue;
                 }
@@ -122,6 +132,27 @@ fn parse_block(block: &str) -> Option<SseEvent> {
     })
 }
 
+/// Decodes an event's wire data (one line of JSON) into [`SseEvent::data`].
+fn decode(mut event: SseEvent) -> Result<SseEvent, AttachError> {
+    let malformed = |event: &SseEvent, reason: String| AttachError::Protocol {
+        event: event.event.clone(),
+        reason,
+    };
+    match event.event.as_str() {
+        "chunk" | "unavailable" | "reconnect" => {
+            event.data = serde_json::from_str::<String>(&event.data)
+                .map_err(|e| malformed(&event, format!("data is not a JSON string: {e}")))?;
+        }
+        "reset" => event.data.clear(),
+        "done" | "failed" | "cancelled" => {
+            serde_json::from_str::<serde::de::IgnoredAny>(&event.data)
+                .map_err(|e| malformed(&event, format!("data is not JSON: {e}")))?;
+        }
+        _ => {}
+    }
+    Ok(event)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,7 +161,7 @@ mod tests {
     async fn parses_events_split_across_reads_and_skips_keep_alives() {
         let parts: Vec<Result<&[u8], AttachError>> = vec![
             Ok(b": keep-alive\n\nid: 1\nevent: chu"),
-            Ok(b"nk\ndata: a\ndata: b\n\nid: 2\nevent: done\ndata: {}\n\n"),
+            Ok(b"nk\ndata: \"a\\r\\nb\"\n\nid: 2\nevent: done\ndata: {}\n\n"),
         ];
         let events: Vec<SseEvent> = parse(futures::stream::iter(parts))
             .map(|e| e.unwrap())
@@ -139,7 +170,7 @@ mod tests {
         assert_eq!(events.len(), 2);
         assert_eq!(events[0].id.as_deref(), Some("1"));
         assert_eq!(events[0].event, "chunk");
-        assert_eq!(events[0].data, "a\nb");
+        assert_eq!(events[0].data, "a\r\nb");
         assert!(events[1].is_end());
     }
 }

@@ -1,22 +1,52 @@
 //! `GET /v1/runs/{id}/stream`: the SSE attach endpoint.
 //!
+//! # On the wire
+//! Every event has an `id:` (see `crate::live::attach`), an `event:` naming its kind, and exactly
+//! one `data:` line holding one JSON value, so every SSE client (a browser's `EventSource`
+//! included) dispatches every event and hands back its data byte for byte:
+//!
+//! | event | data |
+//! |---|---|
+//! | `chunk` | the chunk as a JSON string: `"line one\r\nline two"`, `""` |
+//! | `reset` | `null` |
+//! | `done` | the run's output |
+//! | `failed`, `cancelled` | the run's error (`{"code", "message"}`) or `null` |
+//! | `unavailable` | a JSON string saying why live output is unavailable |
+//! | `reconnect` | a JSON string; the last event of a stream the server ends while shutting down |
+//!
+//! Why JSON: SSE cannot carry a bare `\r` nor tell `\r\n` from `\n` (both end a line), and an
+//! event with no `data:` line is dropped by browsers. A JSON string has no raw line breaks,
+//! `""` is a data line like any other, and every client already has a JSON decoder. Non-ASCII
+//! text stays UTF-8 (not `\u` escapes).
+//!
 //! Each client gets a producer task (see `crate::live::attach`) feeding a bounded channel; the
 //! response reads from it. Attachers are capped per run and in total (429 past the cap). A
 //! client that stops reading is cut by the connection's write deadline (see `slow_clients`),
 //! which drops the response and, with it, the producer and its consumer: server memory per
 //! client stays bounded, and the client resumes with `Last-Event-ID`.
+//!
+//! When the server shuts down ([`AttachLimits::end_all`]), every stream ends at once with a
+//! `reconnect` event whose id is that of the last event the client was handed (events still
+//! buffered are not sent): the client reconnects — to another process — with that id and
+//! continues with no gap and no duplicate, and the HTTP server's graceful shutdown, which waits
+//! for every response to finish, is not held up by runs that go on for minutes.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use futures::Stream;
 use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::{ApiError, AppState};
 use crate::db::runs;
@@ -25,7 +55,7 @@ use crate::live::attach::{self, AttachEvent};
 /// Events buffered per client between the producer and the connection.
 const CLIENT_BUFFER: usize = 64;
 
-/// Caps on attachers.
+/// Caps on attachers, and the switch that ends every attach stream when the server shuts down.
 #[derive(Debug)]
 pub struct AttachLimits {
     pub max_total: usize,
@@ -33,6 +63,9 @@ pub struct AttachLimits {
     pub keep_alive: Duration,
     total: AtomicUsize,
     per_run: Mutex<HashMap<String, usize>>,
+    /// Cancelled by [`AttachLimits::end_all`]: every stream, open or yet to open, ends with
+    /// `reconnect`.
+    closing: CancellationToken,
 }
 
 impl AttachLimits {
@@ -43,7 +76,14 @@ impl AttachLimits {
             keep_alive,
             total: AtomicUsize::new(0),
             per_run: Mutex::new(HashMap::new()),
+            closing: CancellationToken::new(),
         }
+    }
+
+    /// Ends every attach stream now (and any opened later) with `reconnect`: the server is
+    /// shutting down.
+    pub fn end_all(&self) {
+        self.closing.cancel();
     }
 
     /// Attachers connected right now.
@@ -96,16 +136,12 @@ pub async fn attach(
     crate::validate::run_id(&id).map_err(|m| ApiError::bad_request("invalid_id", m))?;
     let after = match headers.get("last-event-id") {
         None => 0,
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_last_event_id",
-                    "Last-Event-ID must be an event id from this stream",
-                )
-            })?,
+        Some(v) => last_event_id(v.to_str().unwrap_or("")).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_last_event_id",
+                "Last-Event-ID must be an event id from this stream (0 to 9223372036854775807)",
+            )
+        })?,
     };
     let run = {
         let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
@@ -125,20 +161,33 @@ pub async fn attach(
             "too many clients are attached; try again later",
         )
     })?;
-    let (tx, mut rx) = mpsc::channel::<AttachEvent>(CLIENT_BUFFER);
+    let (tx, rx) = mpsc::channel::<AttachEvent>(CLIENT_BUFFER);
     let producer = tokio::spawn(attach::produce(live, state.pool.clone(), run, after, tx));
-    let owned = Owned {
-        _guard: guard,
-        producer,
+    let events = AttachStream {
+        rx,
+        closing: Box::pin(state.attach.closing.clone().cancelled_owned()),
+        last_id: after,
+        ended: false,
+        _owned: Owned {
+            _guard: guard,
+            producer,
+        },
     };
-    let events = futures::stream::poll_fn(move |cx| {
-        let _ = &owned; // the stream owns the guard and the producer
-        rx.poll_recv(cx)
-            .map(|e| e.map(|e| Ok::<_, Infallible>(sse_event(e))))
-    });
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(state.attach.keep_alive))
         .into_response())
+}
+
+/// A `Last-Event-ID` this server could have issued: an event id is a JetStream stream sequence,
+/// which stays far below `i64::MAX`; anything larger (or not a decimal number) cannot be one and
+/// is refused. A well-formed id above the stream's last sequence is the attacher's to handle
+/// (`live::attach`: `reset`, then the output from the start).
+fn last_event_id(header: &str) -> Option<u64> {
+    let id = header.trim();
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    id.parse::<i64>().ok().map(|id| id as u64)
 }
 
 /// What a response stream owns: dropping it (client gone, connection cut) stops the producer.
@@ -153,11 +202,134 @@ impl Drop for Owned {
     }
 }
 
+/// A response's events: the producer's until the server shuts down, then `reconnect`.
+struct AttachStream {
+    rx: mpsc::Receiver<AttachEvent>,
+    closing: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Id of the last event handed to the client (at first, its `Last-Event-ID`): where it
+    /// resumes after `reconnect`.
+    last_id: u64,
+    ended: bool,
+    _owned: Owned,
+}
+
+impl Stream for AttachStream {
+    type Item = Result<Event, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        // shutdown first: events still buffered are left for the client's next connection
+        if this.closing.as_mut().poll(cx).is_ready() {
+            this.ended = true;
+            return Poll::Ready(Some(Ok(reconnect_event(this.last_id))));
+        }
+        match this.rx.poll_recv(cx) {
+            Poll::Ready(Some(e)) => {
+                this.last_id = e.id;
+                Poll::Ready(Some(Ok(sse_event(e))))
+            }
+            Poll::Ready(None) => {
+                this.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+fn reconnect_event(last_id: u64) -> Event {
+    Event::default()
+        .id(last_id.to_string())
+        .event("reconnect")
+        .data(json_string(
+            "the server is shutting down; reconnect with Last-Event-ID",
+        ))
+}
+
 fn sse_event(e: AttachEvent) -> Event {
-    let event = Event::default().id(e.id.to_string()).event(e.kind);
-    if e.data.is_empty() {
-        event
+    let data = wire_data(&e);
+    Event::default()
+        .id(e.id.to_string())
+        .event(e.kind)
+        .data(data)
+}
+
+/// An event's `data:` line: one line of JSON (see the module docs).
+fn wire_data(e: &AttachEvent) -> String {
+    match e.kind {
+        "reset" => "null".to_string(),
+        "done" | "failed" | "cancelled" => one_line_json(&e.data),
+        // chunks and messages: the text as a JSON string
+        _ => json_string(&e.data),
+    }
+}
+
+fn json_string(text: &str) -> String {
+    serde_json::Value::from(text).to_string()
+}
+
+/// The end payloads are compact JSON already (the publisher and Postgres both serialize with
+/// serde_json); anything else is re-serialized, or carried as a JSON string when it is not JSON.
+fn one_line_json(payload: &str) -> String {
+    if payload.trim().is_empty() {
+        "null".to_string()
+    } else if payload.contains(['\r', '\n']) {
+        match serde_json::from_str::<serde_json::Value>(payload) {
+            Ok(v) => v.to_string(),
+            Err(_) => json_string(payload),
+        }
+    } else if serde_json::from_str::<serde::de::IgnoredAny>(payload).is_ok() {
+        payload.to_string()
     } else {
-        event.data(e.data)
+        json_string(payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: &'static str, data: &str) -> AttachEvent {
+        AttachEvent {
+            id: 7,
+            kind,
+            data: data.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_last_event_id_is_a_decimal_between_zero_and_i64_max() {
+        assert_eq!(last_event_id("0"), Some(0));
+        assert_eq!(last_event_id(" 42 "), Some(42));
+        assert_eq!(last_event_id("9223372036854775807"), Some(i64::MAX as u64));
+        for bad in [
+            "",
+            "9223372036854775808",
+            "18446744073709551615",
+            "-1",
+            "+1",
+            "1e3",
+            "x",
+        ] {
+            assert_eq!(last_event_id(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn every_event_has_one_line_of_json_data() {
+        for chunk in ["a\rb", "line one\r\nline two", "", "x\n", "\n\n", "日本 🎉"] {
+            let data = wire_data(&event("chunk", chunk));
+            assert!(!data.contains(['\r', '\n']), "{data}");
+            assert_eq!(serde_json::from_str::<String>(&data).unwrap(), chunk);
+        }
+        assert_eq!(wire_data(&event("chunk", "日本")), "\"日本\"");
+        assert_eq!(wire_data(&event("reset", "")), "null");
+        assert_eq!(wire_data(&event("done", "{\"ticks\":3}")), "{\"ticks\":3}");
+        assert_eq!(wire_data(&event("done", "{\n\"a\": 1\n}")), "{\"a\":1}");
+        assert_eq!(wire_data(&event("cancelled", "")), "null");
+        assert_eq!(wire_data(&event("failed", "not json")), "\"not json\"");
     }
 }

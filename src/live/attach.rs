@@ -7,6 +7,9 @@
 //!   and are dropped;
 //! - every event's id is the JetStream stream sequence of the message (synthetic events carry
 //!   the last sequence delivered), so `Last-Event-ID` resumes right after it;
+//! - a `Last-Event-ID` above the stream's last sequence was never issued by this stream (it
+//!   comes from another one, or from before the stream was recreated): the client gets `reset`
+//!   (id 0) and the whole output, as if it attached afresh after clearing what it rendered;
 //! - when NATS is unavailable the client gets one `unavailable` event, then either the live
 //!   stream again (resumed where it left off) or, once the run has ended, the end event built
 //!   from Postgres;
@@ -98,6 +101,9 @@ enum Next {
 
 impl Attacher {
     async fn run(&mut self, run: Run) {
+        if !Box::pin(self.forget_an_id_never_issued()).await {
+            return;
+        }
         // A finished run with nothing on its subject: the chunks expired (or were never
         // published). The end event comes from Postgres at once.
         if run.is_terminal() && Box::pin(self.subject_is_empty()).await == Some(true) {
@@ -135,6 +141,36 @@ impl Attacher {
                 }
             }
         }
+    }
+
+    /// When the client's `Last-Event-ID` is above the stream's last sequence, sends `reset` and
+    /// starts from the beginning (see the module docs). Unchecked while NATS does not answer:
+    /// the client then still gets the end (from Postgres once the run has ended). False when
+    /// the client left.
+    async fn forget_an_id_never_issued(&mut self) -> bool {
+        if self.last_seq == 0 {
+            return true;
+        }
+        let Ok(stream) = Box::pin(self.live.ensure_stream()).await else {
+            return true;
+        };
+        let last =
+            match tokio::time::timeout(self.live.settings.op_timeout, stream.get_info()).await {
+                Ok(Ok(info)) => info.state.last_sequence,
+                _ => return true,
+            };
+        if self.last_seq <= last {
+            return true;
+        }
+        tracing::debug!(run = %self.run_id, id = self.last_seq, last, "attach: Last-Event-ID was never issued; starting over");
+        self.last_seq = 0;
+        self.fresh = false;
+        let reset = AttachEvent {
+            id: 0,
+            kind: "reset",
+            data: String::new(),
+        };
+        self.tx.send(reset).await.is_ok()
     }
 
     async fn subject_is_empty(&self) -> Option<bool> {
@@ -209,7 +245,7 @@ impl Attacher {
                 DeliverPolicy::All
             } else {
                 DeliverPolicy::ByStartSequence {
-                    start_sequence: self.last_seq + 1,
+                    start_sequence: self.last_seq.saturating_add(1),
                 }
             },
             // Each pull asks for at most this many messages, so an attacher buffers at most about

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::common::nats::NatsServer;
 use crate::common::{wait_until, TestDb};
 
-async fn live_output(db: &TestDb, nats: &NatsServer) -> Arc<LiveOutput> {
+pub(crate) async fn live_output(db: &TestDb, nats: &NatsServer) -> Arc<LiveOutput> {
     let mut settings = LiveSettings::new(nats.url());
     settings.stream = format!("S_{}", db.name);
     settings.subject_prefix = format!("out_{}", db.name);

@@ -6,6 +6,7 @@
 mod common;
 
 mod in_process;
+mod wire;
 
 use std::time::Duration;
 
@@ -367,4 +368,80 @@ async fn nats_killed_mid_run_the_run_completes_and_attachers_get_unavailable_the
     let late = collect(&base, "n", None, 1000).await;
     assert_eq!(chunks(&late), ticks(30), "{late:?}");
     assert_eq!(late.last().unwrap().event, "done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_attach_streams_with_a_resumable_id_and_another_process_resumes_without_gap_or_duplicate(
+) {
+    let db = TestDb::new().await;
+    let nats = NatsServer::start().await;
+    let env = live_env(&db, &nats);
+    // `worker` executes the run; `doomed` is a whole `spool serve` (executor and API) serving
+    // another queue, so its SIGTERM ends nothing but its attach streams.
+    let worker = SpoolProcess::start(Binary::Spool, &db, "worker", &env_refs(&env)).await;
+    let mut doomed_env = env_refs(&env);
+    doomed_env.push(("SPOOL_QUEUES", "elsewhere"));
+    doomed_env.push(("SPOOL_GRACE_PERIOD_MS", "2000"));
+    let mut doomed = SpoolProcess::start(Binary::Spool, &db, "doomed", &doomed_env).await;
+    const N: usize = 200;
+    ticker(&db, "long", N, 50, 10).await; // about 10 s of output
+
+    let events = sse_client::attach(&doomed.url(""), None, "long", None)
+        .await
+        .expect("attach");
+    let mut events = Box::pin(events);
+    let mut head: Vec<SseEvent> = Vec::new();
+    while chunks(&head).len() < 5 {
+        let e = tokio::time::timeout(Duration::from_secs(20), events.next())
+            .await
+            .expect("chunks arrive")
+            .expect("the stream is open")
+            .expect("an event");
+        head.push(e);
+    }
+    doomed.signal(Signal::SIGTERM);
+    // Both within the deadline: the client's stream ends, and the process exits (the run has
+    // about 9 s to go, so neither may wait for it).
+    let deadline = Duration::from_secs(5);
+    let (ended, status) = tokio::join!(
+        tokio::time::timeout(deadline, async {
+            while let Some(e) = events.next().await {
+                match e {
+                    Ok(e) => head.push(e),
+                    Err(_) => break, // a cut connection is an end too; the id below says where
+                }
+            }
+        }),
+        doomed.wait_exit(deadline)
+    );
+    assert!(
+        status.success(),
+        "SIGTERM exits 0: {status:?}\n{}",
+        doomed.log_text()
+    );
+    assert!(
+        ended.is_ok(),
+        "the attach stream ended when the server stopped: {head:?}"
+    );
+    assert!(!head.iter().any(SseEvent::is_end), "{head:?}");
+    let last = head.last().unwrap();
+    assert_eq!(
+        last.event, "reconnect",
+        "the documented last word: {head:?}"
+    );
+    let before: Vec<&SseEvent> = head.iter().filter(|e| e.event == "chunk").collect();
+    assert_eq!(
+        last.id,
+        before.last().unwrap().id,
+        "`reconnect` carries the id of the last chunk the client was sent"
+    );
+    assert_eq!(chunks(&head), ticks(chunks(&head).len()));
+
+    // Another process resumes right after that id: no chunk twice, none missing.
+    let tail = collect(&worker.url(""), "long", last.id.as_deref(), 1000).await;
+    assert!(!tail.iter().any(|e| e.event == "reset"), "{tail:?}");
+    let mut all = chunks(&head);
+    all.extend(chunks(&tail));
+    assert_eq!(all, ticks(N));
+    assert_eq!(tail.last().unwrap().event, "done");
 }
