@@ -24,6 +24,11 @@ SPOOL_TEST_NATS_SERVER=$(scripts/nats.sh install)
 # `eventsource` package (a WHATWG EventSource), pinned, installed under target/ (needs node >= 20)
 SPOOL_TEST_SSE_CLIENTS="$PWD/$root/sse-clients"
 eventsource_version=4.1.1
+if { ! command -v node || ! command -v npm; } >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "installing Node.js and npm (Debian packages) for the attach wire tests..." >&2
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >&2
+fi
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   echo "node >= 20 and npm are needed for the attach wire tests (apt-get install nodejs npm)" >&2
   exit 1
