@@ -41,7 +41,8 @@ pub enum DbError {
     Constraint { constraint: String, message: String },
     #[error("no database connection available: {0}")]
     Pool(String),
-    /// A batched statement failed; every write in the batch gets this.
+    /// A batched write got no outcome of its own (the executor is shutting down, or the
+    /// statement answered nothing for it).
     #[error("batched write failed: {0}")]
     Batch(String),
     #[error("database error: {}", describe_pg(.0))]
@@ -69,6 +70,20 @@ impl DbError {
             }
         }
         DbError::Postgres(e)
+    }
+
+    /// True when the database refused a write for the values it holds — a data exception (such
+    /// as U+0000 in jsonb or text), a constraint, a value over a limit: SQLSTATE classes 22, 23
+    /// and 54 — rather than for when or where it was sent, so sending it again would be refused
+    /// again.
+    pub fn is_value_refused(&self) -> bool {
+        match self {
+            DbError::Constraint { .. } => true,
+            DbError::Postgres(e) => e
+                .as_db_error()
+                .is_some_and(|db| matches!(db.code().code().get(..2), Some("22" | "23" | "54"))),
+            _ => false,
+        }
     }
 
     /// True when the error is about reaching the database rather than about the statement.

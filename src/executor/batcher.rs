@@ -122,21 +122,6 @@ where
     results
 }
 
-/// True when the database refused a write for the values it holds — a data exception (such as
-/// U+0000 in jsonb or text), a constraint, a value over a limit: SQLSTATE classes 22, 23 and 54 —
-/// rather than for when or where it was sent, so sending it again would be refused again.
-/// Meaningful for a write that failed alone, as every write a [`Batcher`] answers with a
-/// database error did. (A classification by SQLSTATE that belongs on `DbError`.)
-pub fn refuses_the_value(e: &DbError) -> bool {
-    match e {
-        DbError::Constraint { .. } => true,
-        DbError::Postgres(e) => e
-            .as_db_error()
-            .is_some_and(|db| matches!(db.code().code().get(..2), Some("22" | "23" | "54"))),
-        _ => false,
-    }
-}
-
 /// The executor's two write queues.
 #[derive(Clone)]
 pub struct Writes {

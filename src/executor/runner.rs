@@ -14,7 +14,7 @@ use deadpool_postgres::Pool;
 use futures::FutureExt;
 use serde_json::{json, Value};
 
-use super::batcher::{refuses_the_value, Writes};
+use super::batcher::Writes;
 use crate::db::runs::{Finish, Outcome, Run};
 use crate::db::{self, DbError};
 use crate::workflow::{
@@ -70,7 +70,7 @@ pub async fn execute(run: Run, deps: Arc<RunnerDeps>) {
     };
     let mut finish = submit(outcome, &output, &error).await;
     if let Err(e) = &finish {
-        if refuses_the_value(e) {
+        if e.is_value_refused() {
             // Nothing about this run will change the database's mind: end it failed, saying why.
             (outcome, output, error) = invalid_output(format!(
                 "the database refused to store the run's end ({}): {e}",

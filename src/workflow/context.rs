@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 
 use super::{nul_path, StepError, WorkflowError, NUL_REFUSED};
 use crate::db::steps::{FinishedStep, StepRecord, StepRecorded, StepWrite};
-use crate::executor::batcher::{refuses_the_value, Batcher};
+use crate::executor::batcher::Batcher;
 
 /// Which attempt of which run a context belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -414,7 +414,7 @@ impl RunContext {
             .await;
         let recorded = match submitted {
             Ok(recorded) => recorded,
-            Err(e) if refuses_the_value(&e) => {
+            Err(e) if e.is_value_refused() => {
                 return Err(self.refuse(format!(
                     "the database refused to store {}: {e}",
                     step_label(step.step, step.name)

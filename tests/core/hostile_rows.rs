@@ -335,3 +335,83 @@ async fn hand_inserted_edge_rows_are_refused_or_end_documented_and_normal_runs_f
     // No panic anywhere in the executor: it shuts down cleanly.
     executor.shutdown().await.unwrap();
 }
+
+/// The second line of defence: rows the constraints would refuse today (written before they
+/// existed, or with a constraint dropped) still never panic a reader. The executor fails such a
+/// run with `undecodable_row` naming the column, other runs keep flowing, and the API shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_the_code_cannot_decode_fail_with_undecodable_row_and_never_panic() {
+    let db = TestDb::new().await;
+    db.exec(
+        "alter table spool.runs drop constraint runs_times_in_range;
+         alter table spool.operation_outputs drop constraint operation_outputs_chunks_not_null;
+         insert into spool.runs (id, workflow, created_at) values ('inf-created', 'noop', 'infinity');
+         insert into spool.runs (id, workflow, input) values ('deep-input', 'noop', (repeat('[', 200) || repeat(']', 200))::jsonb);
+         insert into spool.runs (id, workflow, input) values ('huge-number', 'ticker', '{\"count\": 1e400}');
+         insert into spool.runs (id, workflow, input) values ('null-chunk', 'ticker', '{\"count\": 2, \"interval_ms\": 1}');
+         insert into spool.operation_outputs (run_id, step, name, output, claim_epoch, started_at, chunks)
+              values ('null-chunk', 1, 'ticks-1-2', '2', 0, now(), array['tick-1', null]);
+         update spool.runs set claim_epoch = 1 where id = 'null-chunk';
+         insert into spool.runs (id, workflow) select 'fine-' || i, 'noop' from generate_series(1, 20) i;",
+    )
+    .await;
+    let executor = db.executor("e", Registry::with_builtins()).await;
+    for (id, column) in [
+        ("inf-created", "created_at"),
+        ("deep-input", "input"),
+        ("huge-number", "input"),
+        ("null-chunk", "chunks"),
+    ] {
+        assert_eq!(
+            crate::common::wait_terminal(&db, id, Duration::from_secs(20)).await,
+            "failed",
+            "{id}"
+        );
+        let error: Value = db
+            .client()
+            .await
+            .query_one("select error from spool.runs where id = $1", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(error["code"], "undecodable_row", "{id}: {error}");
+        assert!(
+            error["message"].as_str().unwrap().contains(column),
+            "{id}: {error}"
+        );
+    }
+    for i in 1..=20 {
+        assert_eq!(
+            crate::common::wait_terminal(&db, &format!("fine-{i}"), Duration::from_secs(20)).await,
+            "succeeded"
+        );
+    }
+    let base = serve_api(&db).await;
+    for id in ["inf-created", "deep-input", "huge-number", "null-chunk"] {
+        let show: Value = reqwest::get(format!("{base}/v1/runs/{id}"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(show["id"], id);
+        let steps = reqwest::get(format!("{base}/v1/runs/{id}/steps"))
+            .await
+            .unwrap();
+        assert_eq!(steps.status(), 200, "{id}");
+    }
+    let show: Value = reqwest::get(format!("{base}/v1/runs/deep-input"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        show["undecodable"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("input"),
+        "{show}"
+    );
+    executor.shutdown().await.unwrap();
+}
