@@ -154,6 +154,34 @@ impl SpoolProcess {
         kill(Pid::from_raw(self.child.id() as i32), sig).expect("signal");
     }
 
+    /// Sends SIGSTOP and waits until the kernel reports the process stopped: `kill` returns
+    /// before the target stops, and a process that runs on for a moment can still act (reconnect,
+    /// take a lock) after the test believes it frozen.
+    pub async fn stop_and_wait_stopped(&self) {
+        self.signal(Signal::SIGSTOP);
+        let tasks = format!("/proc/{}/task", self.child.id());
+        wait_until(
+            "every thread of the process to be stopped",
+            Duration::from_secs(10),
+            || {
+                let tasks = tasks.clone();
+                async move {
+                    let all_stopped = std::fs::read_dir(&tasks).ok()?.all(|task| {
+                        let stat = task.map(|t| t.path().join("stat")).ok();
+                        let text = stat.and_then(|p| std::fs::read_to_string(p).ok());
+                        // the state follows the parenthesised command name
+                        text.as_deref()
+                            .and_then(|t| t.rsplit_once(')'))
+                            .and_then(|(_, rest)| rest.trim_start().chars().next())
+                            == Some('T')
+                    });
+                    all_stopped.then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
     /// Waits for the process to exit (polling with a deadline).
     pub async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
         let child = &mut self.child;

@@ -495,7 +495,7 @@ async fn a_resumed_zombie_executor_cannot_write_for_runs_it_no_longer_owns() {
     })
     .await;
     let zombie = c.procs[0].take().unwrap();
-    zombie.signal(Signal::SIGSTOP);
+    zombie.stop_and_wait_stopped().await;
     // The database drops the stopped process's lock connection (as a network partition would),
     // and a new process takes the id over: a new incarnation re-claims the runs.
     c.db.exec("select pg_terminate_backend(pid) from pg_stat_activity where application_name = 'spool-lock:spool-1'").await;
