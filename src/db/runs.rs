@@ -382,6 +382,22 @@ pub async fn promote_waiting_keys(client: &impl Conn) -> Result<i64, DbError> {
     Ok(row.get(0))
 }
 
+/// Hands the runs of executors dead past their takeover delay back to the queue with a new
+/// claim epoch (see `spool.adopt_orphaned_runs`); the ordinary claim then takes them. Returns the
+/// adopted run ids.
+pub async fn adopt_orphaned_runs(client: &impl Conn, limit: i32) -> Result<Vec<String>, DbError> {
+    let stmt = client
+        .stmt("select spool.adopt_orphaned_runs($1)")
+        .await
+        .map_err(DbError::from_pg)?;
+    let rows = client
+        .pg()
+        .query(&stmt, &[&limit])
+        .await
+        .map_err(DbError::from_pg)?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// A run taken back by [`reclaim_owned`], and whether this re-claim counted an attempt against
 /// it.
 #[derive(Debug, Clone)]
