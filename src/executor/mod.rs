@@ -487,14 +487,19 @@ impl ControlLoop {
         }
     }
 
-    /// Bounds a statement of the control loop, so a frozen connection cannot freeze the loop.
+    /// Bounds a statement of the control loop, so a frozen connection cannot freeze the loop,
+    /// and never past the moment the lease lapses (the loop must be free to stop executing then).
     async fn within<T>(
         &self,
         f: impl std::future::Future<Output = Result<T, DbError>>,
     ) -> Result<T, DbError> {
         let deadline =
             lease::Lease::statement_deadline(self.settings.lease).max(Duration::from_secs(2));
-        tokio::time::timeout(deadline, f)
+        let mut until = Instant::now() + deadline;
+        if !self.lease.is_fenced() {
+            until = until.min(self.lease.valid_until());
+        }
+        tokio::time::timeout_at(until, f)
             .await
             .unwrap_or_else(|_| Err(DbError::Pool(format!("no answer within {deadline:?}"))))
     }
@@ -599,10 +604,15 @@ impl ControlLoop {
                 &self.workflows,
                 self.settings.queues.as_deref(),
             );
-            // the lease may lapse while the attempt waits on a dead link
+            // the lease may lapse while the attempt waits on a dead link: stop executing then
+            let lapses_at = (!self.lease.is_fenced()).then(|| self.lease.valid_until());
             let result = tokio::select! {
                 _ = stop.cancelled() => return Ok(false),
-                r = attempt => r,
+                r = attempt => Some(r),
+                _ = sleep_until_some(lapses_at) => None,
+            };
+            let Some(result) = result else {
+                continue; // the loop's first line fences
             };
             match result {
                 Ok(()) => {
@@ -679,6 +689,14 @@ impl ControlLoop {
             tracing::warn!(error = %e, "cannot mark the executor stopped");
         }
         tracing::info!("drained; executor stopped");
+    }
+}
+
+/// Sleeps until `at`, or forever when there is no such moment.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
