@@ -15,6 +15,7 @@ pub mod lease;
 pub mod metrics;
 pub mod probation;
 pub mod runner;
+mod upkeep;
 pub mod wakeup;
 
 use std::collections::HashMap;
@@ -378,38 +379,6 @@ impl ControlLoop {
         }
     }
 
-    /// Takes back owned runs that no task here is executing.
-    async fn recover(&mut self) {
-        let in_flight: Vec<String> = self.in_flight.keys().cloned().collect();
-        let recovered = self
-            .within(async {
-                let client = self.claims.get().await?;
-                runs::reclaim_owned(
-                    &client,
-                    &self.settings.executor_id,
-                    self.lock.incarnation,
-                    &in_flight,
-                )
-                .await
-            })
-            .await;
-        match recovered {
-            Ok(runs) => {
-                for r in &runs {
-                    tracing::info!(run = %r.run.id, attempt = r.run.attempt, blamed = r.blamed, "recovered an owned run; replaying it");
-                }
-                self.deps
-                    .metrics
-                    .recovered
-                    .fetch_add(runs.len() as u64, Ordering::Relaxed);
-                for run in self.isolation.admit(runs) {
-                    self.spawn(run);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "recovery failed; will retry"),
-        }
-    }
-
     /// Renews the lease on the lock connection, within a deadline. A connection that does not
     /// answer in time is treated as lost: this process ends its own stale lock session and takes
     /// the id again. Returns false when the executor must stop (shutdown while reconnecting).
@@ -461,32 +430,6 @@ impl ControlLoop {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Hands the runs of executors dead past their takeover delay back to the queue (a new claim
-    /// epoch), so this and every other live executor claim them.
-    async fn adopt_orphans(&mut self) {
-        if self.settings.takeover_after.is_zero() {
-            return;
-        }
-        let limit = self.settings.claim_batch.max(self.settings.concurrency) as i32;
-        let adopted = self
-            .within(async {
-                let client = self.claims.get().await?;
-                runs::adopt_orphaned_runs(&client, limit).await
-            })
-            .await;
-        match adopted {
-            Ok(ids) if ids.is_empty() => {}
-            Ok(ids) => {
-                tracing::warn!(runs = ids.len(), first = %ids[0], "adopted the runs of an executor that has not been alive past its takeover delay");
-                self.deps
-                    .metrics
-                    .adopted
-                    .fetch_add(ids.len() as u64, Ordering::Relaxed);
-            }
-            Err(e) => tracing::warn!(error = %e, "adoption failed; will retry"),
-        }
-    }
-
     /// Bounds a statement of the control loop, so a frozen connection cannot freeze the loop,
     /// and never past the moment the lease lapses (the loop must be free to stop executing then).
     async fn within<T>(
@@ -502,58 +445,6 @@ impl ControlLoop {
         tokio::time::timeout_at(until, f)
             .await
             .unwrap_or_else(|_| Err(DbError::Pool(format!("no answer within {deadline:?}"))))
-    }
-
-    /// Moves isolation along: when the group on probation has passed, the next group is
-    /// recorded and started; once none is left, the record is cleared and the runs held back
-    /// start. A group is recorded before it starts and cleared before anything else starts, so
-    /// a crash always blames exactly the runs that were executing.
-    async fn advance_isolation(&mut self) {
-        if !self.isolation.active() {
-            return;
-        }
-        let in_flight = &self.in_flight;
-        if self.isolation.group_passed(|id| in_flight.contains_key(id)) {
-            self.isolation.end_group();
-        }
-        if self.isolation.group().is_some() {
-            return;
-        }
-        let ids = self.isolation.next_group().unwrap_or_default();
-        if let Err(e) = self.lock.set_probation(&ids).await {
-            tracing::warn!(error = %e, "cannot record the runs on probation; retrying");
-            return;
-        }
-        if ids.is_empty() {
-            for run in self.isolation.release_held() {
-                self.spawn(run);
-            }
-            tracing::info!("isolation over; claiming again");
-            return;
-        }
-        for run in self
-            .isolation
-            .start_group(Instant::now() + self.settings.probation)
-        {
-            tracing::info!(run = %run.id, attempt = run.attempt, "starting a suspect alone");
-            self.spawn(run);
-        }
-    }
-
-    /// Makes ready the waiting runs of keys that nobody made ready (see
-    /// `spool.promote_waiting_keys`).
-    async fn sweep_keys(&mut self) {
-        let promoted = self
-            .within(async {
-                let client = self.claims.get().await?;
-                runs::promote_waiting_keys(&client).await
-            })
-            .await;
-        match promoted {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(runs = n, "key sweep made waiting runs ready"),
-            Err(e) => tracing::warn!(error = %e, "key sweep failed; will retry"),
-        }
     }
 
     fn spawn(&mut self, run: Run) {
@@ -668,7 +559,12 @@ impl ControlLoop {
         let in_flight = std::mem::take(&mut self.in_flight)
             .into_iter()
             .map(|(id, (epoch, _))| (id, epoch));
+        let mut unreachable = false;
         for (id, epoch) in in_flight.chain(waiting) {
+            if unreachable {
+                tracing::warn!(run = %id, "not released (the database is unreachable); it stays owned: the same id replays it, or live executors adopt it after the takeover delay");
+                continue;
+            }
             let released = self
                 .within(async {
                     let client = self.pool.get().await?;
@@ -681,7 +577,9 @@ impl ControlLoop {
                     tracing::info!(run = %id, "released to the queue");
                 }
                 Err(e) => {
-                    tracing::warn!(run = %id, error = %e, "cannot release; it stays owned and is recovered when this executor id restarts")
+                    // a frozen or lost database must not hold the exit up run after run
+                    unreachable = e.is_connectivity();
+                    tracing::warn!(run = %id, error = %e, "cannot release; it stays owned: the same id replays it, or live executors adopt it after the takeover delay")
                 }
             }
         }
