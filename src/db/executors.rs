@@ -103,6 +103,29 @@ pub async fn lock_holder(
     Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
+/// The executor's last heartbeat (database time) and its lease, if it is registered.
+pub async fn heartbeat_of(
+    client: &impl super::Conn,
+    executor_id: &str,
+) -> Result<Option<(chrono::DateTime<chrono::Utc>, std::time::Duration)>, DbError> {
+    let stmt = client
+        .stmt("select heartbeat_at, lease_ms from spool.executors where id = $1")
+        .await
+        .map_err(DbError::from_pg)?;
+    let row = client
+        .pg()
+        .query_opt(&stmt, &[&executor_id])
+        .await
+        .map_err(DbError::from_pg)?;
+    Ok(row.map(|r| {
+        let lease_ms: i32 = r.get(1);
+        (
+            r.get(0),
+            std::time::Duration::from_millis(lease_ms.max(0) as u64),
+        )
+    }))
+}
+
 /// Ends a stale session that still holds an executor lock (a dead host's, or this process's own
 /// frozen one) and waits up to `wait_ms` for it to go. A role may terminate its own sessions.
 pub async fn terminate_session(client: &Client, pid: i32, wait_ms: i64) -> Result<bool, DbError> {

@@ -157,6 +157,10 @@ pub async fn start(
         takeover_after_ms: settings.takeover_after.as_millis().min(i32::MAX as u128) as i32,
     };
     let deadline = lease::Lease::statement_deadline(settings.lease);
+    // While the id is held: a live holder renews its heartbeat every quarter lease, a dead one
+    // (a host gone without a FIN) does not. Waiting while the holder's heartbeat stands still
+    // lets a restarted id end its dead predecessor's session as soon as that lease expires.
+    let mut holder_seen: Option<(chrono::DateTime<chrono::Utc>, Instant)> = None;
     let lock = loop {
         let taken_at = Instant::now();
         match ExecutorLock::acquire(
@@ -169,7 +173,25 @@ pub async fn start(
         )
         .await
         {
-            Err(IdentityError::InUse(_)) if Instant::now() < give_up => {
+            Err(IdentityError::InUse(id)) => {
+                let heartbeat = async {
+                    let client = pool.get().await?;
+                    crate::db::executors::heartbeat_of(&client, &id).await
+                }
+                .await
+                .ok()
+                .flatten();
+                let standing_still = match (heartbeat, holder_seen) {
+                    (Some((at, lease)), None) => {
+                        holder_seen = Some((at, Instant::now() + lease + Duration::from_secs(2)));
+                        true
+                    }
+                    (Some((at, _)), Some((seen, until))) => at == seen && Instant::now() < until,
+                    (None, _) => false,
+                };
+                if Instant::now() >= give_up && !standing_still {
+                    return Err(IdentityError::InUse(id).into());
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             other => break (other?, taken_at),

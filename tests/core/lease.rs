@@ -68,8 +68,7 @@ fn gated(pool: Pool) -> Registry {
                         {
                             break;
                         }
-                        // poll interval of a wait on the test's gate
-                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        tokio::time::sleep(Duration::from_millis(10)).await; // gate poll interval
                     }
                     client
                         .execute(
@@ -123,8 +122,24 @@ async fn the_same_id_ends_a_stale_session_holding_its_lock_and_starts_at_once() 
 async fn a_live_holder_of_the_id_still_makes_a_second_process_refuse() {
     let db = TestDb::new().await;
     let live = hold_lock(&db, "e").await;
-    db.exec("insert into spool.executors (id, workflows, lease_ms) values ('e', '{noop}', 60000)")
+    db.exec("insert into spool.executors (id, workflows, lease_ms) values ('e', '{noop}', 1000)")
         .await;
+    // a live holder renews its lease every quarter
+    let pool = db.pool.clone();
+    let renewer = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            every.tick().await;
+            let client = pool.get().await.unwrap();
+            client
+                .execute(
+                    "update spool.executors set heartbeat_at = now() where id = 'e'",
+                    &[],
+                )
+                .await
+                .unwrap();
+        }
+    });
     let mut s = settings("e");
     s.lock_wait = Duration::ZERO;
     match start(&db, s, Registry::with_builtins()).await {
@@ -133,6 +148,7 @@ async fn a_live_holder_of_the_id_still_makes_a_second_process_refuse() {
         Ok(_) => panic!("a second process with a live id started"),
     }
     assert!(!live.client.is_closed(), "the live holder was ended");
+    renewer.abort();
 }
 
 /// An executor whose lease cannot be renewed (its heartbeat statement blocks, as on a frozen
