@@ -13,7 +13,11 @@ mod harness;
 mod latency;
 mod machine;
 mod memory;
+mod node_death;
 mod recovery;
+/// The fault relay of the test harness (black-holes a host's connections).
+#[path = "../tests/common/relay.rs"]
+mod relay;
 mod report;
 mod sse;
 mod throughput;
@@ -29,13 +33,22 @@ use ceiling::{Ceiling, CeilingParams};
 use chunks::ChunkParams;
 use enqueue::EnqueueParams;
 use harness::{Bench, SpoolSettings};
+use node_death::NodeDeathParams;
 use recovery::RecoveryParams;
 use report::Row;
 use throughput::ThroughputParams;
 
 /// Sections, in the order they run (the table is ordered by figure number).
-const SECTIONS: [&str; 8] = [
-    "ceiling", "noop", "enqueue", "steps", "latency", "memory", "chunks", "recovery",
+const SECTIONS: [&str; 9] = [
+    "ceiling",
+    "noop",
+    "enqueue",
+    "steps",
+    "latency",
+    "memory",
+    "chunks",
+    "recovery",
+    "nodedeath",
 ];
 
 #[derive(Debug, Parser)]
@@ -62,7 +75,7 @@ struct Args {
     #[arg(long, env = "BENCH_COMMIT")]
     commit: Option<String>,
     /// Comma-separated sections to run (default: all): ceiling, noop, enqueue, steps, latency,
-    /// memory, chunks, recovery.
+    /// memory, chunks, recovery, nodedeath.
     #[arg(long, env = "BENCH_ONLY", value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// SPOOL_CONCURRENCY of the executors.
@@ -116,6 +129,12 @@ struct Args {
     /// SPOOL_GRACE_PERIOD_MS of the executor that gets SIGTERM.
     #[arg(long, env = "BENCH_GRACE_MS", default_value_t = 200)]
     grace_ms: u64,
+    /// Trials of each node-death figure (black-holed executor, short lease).
+    #[arg(long, env = "BENCH_NODE_DEATH_TRIALS", default_value_t = 20)]
+    node_death_trials: usize,
+    /// Also run one node death at the default lease and takeover delay (about 45 s).
+    #[arg(long, env = "BENCH_NODE_DEATH_DEFAULTS", default_value_t = true, action = clap::ArgAction::Set)]
+    node_death_defaults: bool,
 }
 
 impl Args {
@@ -247,6 +266,13 @@ async fn run(args: &Args) -> Vec<Row> {
                 recovery::measure(&bench, &p).await
             }
             "memory" => memory::measure(&bench).await,
+            "nodedeath" => {
+                let p = NodeDeathParams {
+                    trials: args.node_death_trials,
+                    defaults: args.node_death_defaults,
+                };
+                node_death::measure(&bench, &p).await
+            }
             _ => unreachable!("SECTIONS lists every section"),
         };
         for r in &new_rows {
