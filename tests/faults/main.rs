@@ -9,4 +9,5 @@ mod common;
 mod chaos;
 mod cluster;
 mod oracle;
+mod relay;
 mod scenarios;
