@@ -37,6 +37,11 @@ if [ "$(node -p "try { require('$SPOOL_TEST_SSE_CLIENTS/node_modules/eventsource
   mkdir -p "$SPOOL_TEST_SSE_CLIENTS"
   npm install --silent --no-audit --no-fund --prefix "$SPOOL_TEST_SSE_CLIENTS" "eventsource@$eventsource_version" >&2
 fi
+# the Kubernetes examples are checked against the Kubernetes schemas by a validator from PyPI
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate >&2
+fi
+kubernetes-validate --quiet deploy/kubernetes/*.yaml >&2
 export SPOOL_TEST_PG="$base" SPOOL_TEST_TEMPLATE=spool_template SPOOL_TEST_NATS_SERVER SPOOL_TEST_SSE_CLIENTS
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast --test-threads 4 "$@"

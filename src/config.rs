@@ -89,6 +89,14 @@ pub struct ServeArgs {
     /// How often owned runs that nobody executes are taken back, in milliseconds.
     #[arg(long, env = "SPOOL_RECOVERY_INTERVAL_MS", default_value_t = 10_000)]
     pub recovery_interval_ms: u64,
+    /// The executor's lease (ms): it renews its heartbeat every quarter of it and stops
+    /// executing if it cannot renew within it; others deem it dead once it expires.
+    #[arg(long, env = "SPOOL_LEASE_MS", default_value_t = 10_000)]
+    pub lease_ms: u64,
+    /// Runs of an executor whose lease expired this long ago (ms) are adopted by live executors;
+    /// 0 disables takeover (runs wait for the same executor id, as with a StatefulSet).
+    #[arg(long, env = "SPOOL_TAKEOVER_AFTER_MS", default_value_t = 30_000)]
+    pub takeover_after_ms: u64,
     /// After repeated crashes, how long (ms) each group of suspect runs executes alone before
     /// the next starts.
     #[arg(long, env = "SPOOL_PROBATION_MS", default_value_t = 2_000)]
@@ -120,6 +128,8 @@ pub enum ConfigError {
     Database(#[from] crate::db::tls::TlsError),
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    #[error("{0} must be between {1}")]
+    Range(&'static str, &'static str),
 }
 
 /// Validated settings of one `spool serve` process.
@@ -187,6 +197,17 @@ impl Config {
         executor.lock_wait = Duration::from_millis(args.lock_wait_ms);
         executor.recovery_interval = Duration::from_millis(args.recovery_interval_ms.max(100));
         executor.probation = Duration::from_millis(args.probation_ms);
+        if !(100..=86_400_000).contains(&args.lease_ms) {
+            return Err(ConfigError::Range("SPOOL_LEASE_MS", "100 to 86400000"));
+        }
+        if args.takeover_after_ms > 604_800_000 {
+            return Err(ConfigError::Range(
+                "SPOOL_TAKEOVER_AFTER_MS",
+                "0 to 604800000",
+            ));
+        }
+        executor.lease = Duration::from_millis(args.lease_ms);
+        executor.takeover_after = Duration::from_millis(args.takeover_after_ms);
         let live = args.nats_url.filter(|u| !u.is_empty()).map(|url| {
             let mut l = LiveSettings::new(url);
             l.stream = args.nats_stream;

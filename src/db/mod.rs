@@ -170,6 +170,27 @@ pub fn claim_pool(target: &PgTarget, application_name: &str) -> Pool {
     pool_with(config, target, 2, application_name)
 }
 
+/// Server-side settings of every Spool session: the server notices a peer that vanished without
+/// a FIN (a dead or partitioned host) in seconds — keepalive probes after 5 s idle, every 2 s, 3
+/// unanswered end the session, and unacknowledged data ends it after 10 s — instead of after the
+/// operating system's two hours, so a dead executor's session, and its lock, go too.
+const DEAD_PEER_OPTIONS: &str = "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 \
+     -c tcp_keepalives_count=3 -c tcp_user_timeout=10000";
+
+/// Applies [`DEAD_PEER_OPTIONS`] and the same client-side keepalives to a connection config.
+fn detect_dead_peers(config: &mut tokio_postgres::Config) {
+    let options = match config.get_options() {
+        Some(theirs) => format!("{theirs} {DEAD_PEER_OPTIONS}"),
+        None => DEAD_PEER_OPTIONS.to_string(),
+    };
+    config.options(&options);
+    config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(5));
+    config.keepalives_interval(Duration::from_secs(2));
+    config.keepalives_retries(3);
+    config.tcp_user_timeout(Duration::from_secs(10));
+}
+
 fn pool_with(
     mut config: tokio_postgres::Config,
     target: &PgTarget,
@@ -178,6 +199,7 @@ fn pool_with(
 ) -> Pool {
     config.application_name(application_name);
     config.connect_timeout(Duration::from_secs(5));
+    detect_dead_peers(&mut config);
     let manager = Manager::from_config(
         config,
         target.tls.clone(),
@@ -217,7 +239,7 @@ pub async fn connect_dedicated(
     let mut config = target.config.clone();
     config.application_name(application_name);
     config.connect_timeout(Duration::from_secs(5));
-    config.keepalives_idle(Duration::from_secs(10));
+    detect_dead_peers(&mut config);
     let (client, mut connection) = config
         .connect(target.tls.clone())
         .await

@@ -15,6 +15,10 @@ pub struct Metrics {
     pub dead: AtomicU64,
     pub lost: AtomicU64,
     pub released: AtomicU64,
+    /// Runs of dead executors handed back to the queue by this process.
+    pub adopted: AtomicU64,
+    /// Times this executor stopped executing because it could not renew its lease.
+    pub lease_lapses: AtomicU64,
     pub in_flight: AtomicU64,
     /// HTTP connections cut because the client stopped reading (slow attachers).
     pub connections_cut: AtomicU64,
@@ -77,6 +81,16 @@ impl Metrics {
                 "spool_runs_released_total",
                 "Runs handed back to the queue at shutdown",
                 &self.released,
+            ),
+            (
+                "spool_runs_adopted_total",
+                "Runs of executors dead past their takeover delay handed back to the queue by this process",
+                &self.adopted,
+            ),
+            (
+                "spool_lease_lapses_total",
+                "Times this executor stopped executing because it could not renew its lease",
+                &self.lease_lapses,
             ),
         ];
         for (name, help, c) in counters {

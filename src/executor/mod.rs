@@ -11,9 +11,11 @@
 
 pub mod batcher;
 pub mod identity;
+pub mod lease;
 pub mod metrics;
 pub mod probation;
 pub mod runner;
+mod upkeep;
 pub mod wakeup;
 
 use std::collections::HashMap;
@@ -60,6 +62,12 @@ pub struct ExecutorSettings {
     pub probation: Duration,
     /// How often the key sweep looks for keys whose waiting runs nobody made ready.
     pub key_sweep_interval: Duration,
+    /// The lease: the executor renews it every quarter and stops executing if it cannot renew
+    /// within it (see [`lease`]).
+    pub lease: Duration,
+    /// Runs of an executor dead (lease expired) this long are adopted by live executors; zero
+    /// keeps this executor's runs for its own id and makes it adopt nobody's.
+    pub takeover_after: Duration,
 }
 
 impl ExecutorSettings {
@@ -76,6 +84,8 @@ impl ExecutorSettings {
             lock_wait: Duration::ZERO,
             probation: Duration::from_secs(2),
             key_sweep_interval: Duration::from_secs(1),
+            lease: Duration::from_secs(10),
+            takeover_after: Duration::from_secs(30),
         }
     }
 }
@@ -142,21 +152,52 @@ pub async fn start(
 ) -> Result<RunningExecutor, ExecutorError> {
     let workflows = registry.names();
     let give_up = Instant::now() + settings.lock_wait;
+    let terms = crate::db::executors::LeaseTerms {
+        lease_ms: settings.lease.as_millis().min(i32::MAX as u128) as i32,
+        takeover_after_ms: settings.takeover_after.as_millis().min(i32::MAX as u128) as i32,
+    };
+    let deadline = lease::Lease::statement_deadline(settings.lease);
+    // While the id is held: a live holder renews its heartbeat every quarter lease, a dead one
+    // (a host gone without a FIN) does not. Waiting while the holder's heartbeat stands still
+    // lets a restarted id end its dead predecessor's session as soon as that lease expires.
+    let mut holder_seen: Option<(chrono::DateTime<chrono::Utc>, Instant)> = None;
     let lock = loop {
+        let taken_at = Instant::now();
         match ExecutorLock::acquire(
             &target,
             &settings.executor_id,
             &workflows,
             settings.queues.as_deref(),
+            terms,
+            deadline,
         )
         .await
         {
-            Err(IdentityError::InUse(_)) if Instant::now() < give_up => {
+            Err(IdentityError::InUse(id)) => {
+                let heartbeat = async {
+                    let client = pool.get().await?;
+                    crate::db::executors::heartbeat_of(&client, &id).await
+                }
+                .await
+                .ok()
+                .flatten();
+                let standing_still = match (heartbeat, holder_seen) {
+                    (Some((at, lease)), None) => {
+                        holder_seen = Some((at, Instant::now() + lease + Duration::from_secs(2)));
+                        true
+                    }
+                    (Some((at, _)), Some((seen, until))) => at == seen && Instant::now() < until,
+                    (None, _) => false,
+                };
+                if Instant::now() >= give_up && !standing_still {
+                    return Err(IdentityError::InUse(id).into());
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            other => break other?,
+            other => break (other?, taken_at),
         }
     };
+    let (lock, taken_at) = lock;
     let incarnation = lock.incarnation;
     tracing::info!(executor = %settings.executor_id, incarnation, "executor id acquired");
     let stop = CancellationToken::new();
@@ -178,6 +219,7 @@ pub async fn start(
         claims,
         workflows,
         lock,
+        lease: lease::Lease::new(settings.lease, taken_at),
         deps,
         tasks: JoinSet::new(),
         in_flight: HashMap::new(),
@@ -202,6 +244,8 @@ struct ControlLoop {
     claims: Pool,
     workflows: Vec<String>,
     lock: ExecutorLock,
+    /// When to renew, and whether execution is stopped for want of a renewal.
+    lease: lease::Lease,
     deps: Arc<runner::RunnerDeps>,
     /// One task per run in flight; aborting the loop aborts them all.
     tasks: JoinSet<String>,
@@ -225,36 +269,44 @@ impl ControlLoop {
         )));
         let mut next_poll = Instant::now();
         let mut next_recovery = Instant::now();
-        let mut next_heartbeat = Instant::now() + Duration::from_secs(5);
         let mut next_key_sweep = Instant::now() + jittered(self.settings.key_sweep_interval);
+        let mut next_adoption = Instant::now();
         // After a wake-up, one more claim a little later: the rate-limited trigger may have
         // skipped an insert that committed just after the one that notified.
         let mut catch_up: Option<Instant> = None;
         loop {
+            if self.lease.renewal_due(Instant::now()) && !self.renew(&stop).await? {
+                break;
+            }
+            if self.lease.lapsed(Instant::now()) && !self.lease.is_fenced() {
+                self.self_fence();
+            }
             let now = Instant::now();
-            if now >= next_recovery {
-                self.recover().await;
-                next_recovery = Instant::now() + self.settings.recovery_interval;
-            }
-            if now >= next_heartbeat {
-                if let Ok(false) = self.lock.heartbeat().await {
-                    return Err(IdentityError::Superseded(self.settings.executor_id.clone()).into());
+            if !self.lease.is_fenced() {
+                if now >= next_recovery {
+                    self.recover().await;
+                    next_recovery = Instant::now() + self.settings.recovery_interval;
                 }
-                next_heartbeat = Instant::now() + Duration::from_secs(5);
-            }
-            if now >= next_key_sweep {
-                self.sweep_keys().await;
-                next_key_sweep = Instant::now() + jittered(self.settings.key_sweep_interval);
-            }
-            self.advance_isolation().await;
-            if !self.isolation.active() {
-                self.fill_slots().await;
+                if now >= next_key_sweep {
+                    self.sweep_keys().await;
+                    next_key_sweep = Instant::now() + jittered(self.settings.key_sweep_interval);
+                }
+                if now >= next_adoption {
+                    self.adopt_orphans().await;
+                    next_adoption = Instant::now() + jittered(self.settings.poll_interval);
+                }
+                self.advance_isolation().await;
+                if !self.isolation.active() {
+                    self.fill_slots().await;
+                }
             }
             let wake_at = [
                 Some(next_poll),
                 Some(next_recovery),
-                Some(next_heartbeat),
                 Some(next_key_sweep),
+                Some(next_adoption),
+                Some(self.lease.next_renewal()),
+                (!self.lease.is_fenced()).then(|| self.lease.valid_until()),
                 self.isolation.group().map(|g| g.until),
                 catch_up,
             ]
@@ -314,17 +366,18 @@ impl ControlLoop {
                 return;
             }
             let want = free.min(self.settings.claim_batch);
-            let claimed = async {
-                let client = self.claims.get().await?;
-                let who = Claimant {
-                    executor_id: &self.settings.executor_id,
-                    incarnation: self.lock.incarnation,
-                    workflows: &self.workflows,
-                    queues: self.settings.queues.as_deref(),
-                };
-                runs::claim(&client, &who, want as i64).await
-            }
-            .await;
+            let claimed = self
+                .within(async {
+                    let client = self.claims.get().await?;
+                    let who = Claimant {
+                        executor_id: &self.settings.executor_id,
+                        incarnation: self.lock.incarnation,
+                        workflows: &self.workflows,
+                        queues: self.settings.queues.as_deref(),
+                    };
+                    runs::claim(&client, &who, want as i64).await
+                })
+                .await;
             match claimed {
                 Ok(runs) => {
                     let got = runs.len();
@@ -348,86 +401,72 @@ impl ControlLoop {
         }
     }
 
-    /// Takes back owned runs that no task here is executing.
-    async fn recover(&mut self) {
-        let in_flight: Vec<String> = self.in_flight.keys().cloned().collect();
-        let recovered = async {
-            let client = self.claims.get().await?;
-            runs::reclaim_owned(
-                &client,
-                &self.settings.executor_id,
-                self.lock.incarnation,
-                &in_flight,
-            )
+    /// Renews the lease on the lock connection, within a deadline. A connection that does not
+    /// answer in time is treated as lost: this process ends its own stale lock session and takes
+    /// the id again. Returns false when the executor must stop (shutdown while reconnecting).
+    async fn renew(&mut self, stop: &CancellationToken) -> Result<bool, ExecutorError> {
+        let sent = Instant::now();
+        match self.lock.heartbeat().await {
+            Ok(true) => {
+                if self.lease.is_fenced() {
+                    tracing::info!("lease renewed; executing again");
+                }
+                self.lease.renewed(sent);
+                Ok(true)
+            }
+            Ok(false) => {
+                self.tasks.abort_all();
+                Err(IdentityError::Superseded(self.settings.executor_id.clone()).into())
+            }
+            Err(IdentityError::Timeout(d)) => {
+                tracing::warn!(deadline = ?d, "the executor lock connection stopped answering; reconnecting");
+                self.lease.renewal_failed();
+                self.reacquire(stop).await
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew the lease; retrying");
+                self.lease.renewal_failed();
+                Ok(true)
+            }
+        }
+    }
+
+    /// The lease could not be renewed in time: stop executing before anyone may take the runs
+    /// over. Run tasks are aborted (they publish nothing more); the runs stay owned by this
+    /// incarnation and are taken back by recovery once the lease is renewed, unless live
+    /// executors adopted them meanwhile.
+    fn self_fence(&mut self) {
+        tracing::error!(
+            lease = ?self.settings.lease,
+            in_flight = self.in_flight.len(),
+            "the lease could not be renewed in time: stopped executing"
+        );
+        self.lease.fence();
+        self.tasks.abort_all();
+        self.in_flight.clear();
+        let _ = self.isolation.take_waiting();
+        self.deps.metrics.in_flight.store(0, Ordering::Relaxed);
+        self.deps
+            .metrics
+            .lease_lapses
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Bounds a statement of the control loop, so a frozen connection cannot freeze the loop,
+    /// and never past the moment the lease lapses (the loop must be free to stop executing then).
+    async fn within<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, DbError>>,
+    ) -> Result<T, DbError> {
+        let deadline =
+            lease::Lease::statement_deadline(self.settings.lease).max(Duration::from_secs(2));
+        let mut until = Instant::now() + deadline;
+        if !self.lease.is_fenced() {
+            until = until.min(self.lease.valid_until());
+        }
+        tokio::time::timeout_at(until, f)
             .await
-        }
-        .await;
-        match recovered {
-            Ok(runs) => {
-                for r in &runs {
-                    tracing::info!(run = %r.run.id, attempt = r.run.attempt, blamed = r.blamed, "recovered an owned run; replaying it");
-                }
-                self.deps
-                    .metrics
-                    .recovered
-                    .fetch_add(runs.len() as u64, Ordering::Relaxed);
-                for run in self.isolation.admit(runs) {
-                    self.spawn(run);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "recovery failed; will retry"),
-        }
-    }
-
-    /// Moves isolation along: when the group on probation has passed, the next group is
-    /// recorded and started; once none is left, the record is cleared and the runs held back
-    /// start. A group is recorded before it starts and cleared before anything else starts, so
-    /// a crash always blames exactly the runs that were executing.
-    async fn advance_isolation(&mut self) {
-        if !self.isolation.active() {
-            return;
-        }
-        let in_flight = &self.in_flight;
-        if self.isolation.group_passed(|id| in_flight.contains_key(id)) {
-            self.isolation.end_group();
-        }
-        if self.isolation.group().is_some() {
-            return;
-        }
-        let ids = self.isolation.next_group().unwrap_or_default();
-        if let Err(e) = self.lock.set_probation(&ids).await {
-            tracing::warn!(error = %e, "cannot record the runs on probation; retrying");
-            return;
-        }
-        if ids.is_empty() {
-            for run in self.isolation.release_held() {
-                self.spawn(run);
-            }
-            tracing::info!("isolation over; claiming again");
-            return;
-        }
-        for run in self
-            .isolation
-            .start_group(Instant::now() + self.settings.probation)
-        {
-            tracing::info!(run = %run.id, attempt = run.attempt, "starting a suspect alone");
-            self.spawn(run);
-        }
-    }
-
-    /// Makes ready the waiting runs of keys that nobody made ready (see
-    /// `spool.promote_waiting_keys`).
-    async fn sweep_keys(&mut self) {
-        let promoted = async {
-            let client = self.claims.get().await?;
-            runs::promote_waiting_keys(&client).await
-        }
-        .await;
-        match promoted {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(runs = n, "key sweep made waiting runs ready"),
-            Err(e) => tracing::warn!(error = %e, "key sweep failed; will retry"),
-        }
+            .unwrap_or_else(|_| Err(DbError::Pool(format!("no answer within {deadline:?}"))))
     }
 
     fn spawn(&mut self, run: Run) {
@@ -469,31 +508,51 @@ impl ControlLoop {
     async fn reacquire(&mut self, stop: &CancellationToken) -> Result<bool, ExecutorError> {
         let mut backoff = Duration::from_millis(100);
         loop {
+            if self.lease.lapsed(Instant::now()) && !self.lease.is_fenced() {
+                self.self_fence();
+            }
+            let sent = Instant::now();
             let attempt = self.lock.reacquire(
                 &self.target,
                 &self.workflows,
                 self.settings.queues.as_deref(),
             );
+            // the lease may lapse while the attempt waits on a dead link: stop executing then
+            let lapses_at = (!self.lease.is_fenced()).then(|| self.lease.valid_until());
             let result = tokio::select! {
                 _ = stop.cancelled() => return Ok(false),
-                r = attempt => r,
+                r = attempt => Some(r),
+                _ = sleep_until_some(lapses_at) => None,
+            };
+            let Some(result) = result else {
+                continue; // the loop's first line fences
             };
             match result {
                 Ok(()) => {
                     tracing::info!("executor lock reacquired");
+                    // registering again renewed the lease
+                    self.lease.renewed(sent);
                     return Ok(true);
                 }
                 Err(IdentityError::Db(e)) => {
                     tracing::warn!(error = %e, "cannot reacquire the executor lock yet");
+                }
+                Err(IdentityError::Timeout(d)) => {
+                    tracing::warn!(deadline = ?d, "cannot reacquire the executor lock yet: no answer");
                 }
                 Err(fatal) => {
                     self.tasks.abort_all();
                     return Err(fatal.into());
                 }
             }
+            let retry_at = (Instant::now() + backoff).min(if self.lease.is_fenced() {
+                Instant::now() + backoff
+            } else {
+                self.lease.valid_until()
+            });
             tokio::select! {
                 _ = stop.cancelled() => return Ok(false),
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep_until(retry_at) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
@@ -522,19 +581,27 @@ impl ControlLoop {
         let in_flight = std::mem::take(&mut self.in_flight)
             .into_iter()
             .map(|(id, (epoch, _))| (id, epoch));
+        let mut unreachable = false;
         for (id, epoch) in in_flight.chain(waiting) {
-            let released = async {
-                let client = self.pool.get().await?;
-                runs::release_if_owned(&client, &id, epoch).await
+            if unreachable {
+                tracing::warn!(run = %id, "not released (the database is unreachable); it stays owned: the same id replays it, or live executors adopt it after the takeover delay");
+                continue;
             }
-            .await;
+            let released = self
+                .within(async {
+                    let client = self.pool.get().await?;
+                    runs::release_if_owned(&client, &id, epoch).await
+                })
+                .await;
             match released {
                 Ok(()) => {
                     self.deps.metrics.released.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(run = %id, "released to the queue");
                 }
                 Err(e) => {
-                    tracing::warn!(run = %id, error = %e, "cannot release; it stays owned and is recovered when this executor id restarts")
+                    // a frozen or lost database must not hold the exit up run after run
+                    unreachable = e.is_connectivity();
+                    tracing::warn!(run = %id, error = %e, "cannot release; it stays owned: the same id replays it, or live executors adopt it after the takeover delay")
                 }
             }
         }
@@ -542,6 +609,14 @@ impl ControlLoop {
             tracing::warn!(error = %e, "cannot mark the executor stopped");
         }
         tracing::info!("drained; executor stopped");
+    }
+}
+
+/// Sleeps until `at`, or forever when there is no such moment.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

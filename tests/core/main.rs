@@ -8,6 +8,7 @@ mod batch_isolation;
 mod claim;
 mod fencing;
 mod hostile_rows;
+mod lease;
 mod per_key;
 mod replay;
 mod schema;

@@ -151,8 +151,8 @@ fn gated_registry(pool: Pool) -> Registry {
                             if open {
                                 return Ok::<_, StepError>(());
                             }
-                            // poll interval of a wait on the test's gate
-                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            let poll = Duration::from_millis(10);
+                            tokio::time::sleep(poll).await;
                         }
                     }
                 })
