@@ -252,6 +252,24 @@ async fn record_takeover(db: &TestDb, owned: &[(String, i64)]) {
         .unwrap();
 }
 
+/// Inserts chaos runs `c{from}..=c{to}` (a third with concurrency keys).
+async fn insert_chaos_runs(db: &TestDb, from: usize, to: usize) {
+    if from > to {
+        return;
+    }
+    db.exec(&format!(
+        // max_attempts is raised: chaos kills are not the runs' fault (the crash-loop guard has
+        // its own scenario), and random kills can hit one executor many times in a row
+        "insert into spool.runs (id, workflow, max_attempts, concurrency_key, input)
+         select 'c' || i, 'ledger_ticker', 1000,
+                case when i % 3 = 0 then 'key-' || (i % 30) end,
+                jsonb_build_object('count', {TICKS}, 'interval_ms', 20, 'steps', 3,
+                                   'key', case when i % 3 = 0 then 'key-' || (i % 30) end)
+           from generate_series({from}, {to}) i order by i"
+    ))
+    .await;
+}
+
 /// Applies one fault to `victim` and brings the cluster back to three live executors.
 async fn apply(c: &mut Cluster, kind: FaultKind, victim: usize, owned: &[(String, i64)]) {
     let id = Cluster::id(victim);
@@ -343,17 +361,12 @@ pub async fn run_chaos(runs: usize, faults: usize, seed: u64, kinds: &[FaultKind
                                        takeover timestamptz not null);",
     )
     .await;
-    c.db.exec(&format!(
-        // max_attempts is raised: chaos kills are not the runs' fault (the crash-loop guard has
-        // its own scenario), and random kills can hit one executor many times in a row
-        "insert into spool.runs (id, workflow, max_attempts, concurrency_key, input)
-         select 'c' || i, 'ledger_ticker', 1000,
-                case when i % 3 = 0 then 'key-' || (i % 30) end,
-                jsonb_build_object('count', {TICKS}, 'interval_ms', 20, 'steps', 3,
-                                   'key', case when i % 3 = 0 then 'key-' || (i % 30) end)
-           from generate_series(1, {runs}) i order by i"
-    ))
-    .await;
+    // Kills alone are paced by progress over runs inserted at once. Faults that take seconds
+    // (leases, takeovers) would outlast that work, so then the runs come in a wave per fault and
+    // each fault waits until its victim has work.
+    let waves = if only_kills { 1 } else { faults + 1 };
+    let wave = runs.div_ceil(waves);
+    insert_chaos_runs(&c.db, 1, wave.min(runs)).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut watchers = Vec::new();
     let mut reclaimed: Vec<(FaultKind, u128)> = Vec::new();
@@ -371,6 +384,16 @@ pub async fn run_chaos(runs: usize, faults: usize, seed: u64, kinds: &[FaultKind
         } else {
             rng.random_range(0..3usize)
         };
+        if !only_kills {
+            insert_chaos_runs(&c.db, (k + 1) * wave + 1, ((k + 2) * wave).min(runs)).await;
+            let id = Cluster::id(victim);
+            let has_work = async {
+                while owned_running(&c.db, &id).await.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a deadline wait
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(10), has_work).await;
+        }
         let mut owned = Vec::new();
         let victims: Vec<usize> = if kind == FaultKind::RollingRestart {
             vec![0, 1, 2]
@@ -399,6 +422,12 @@ pub async fn run_chaos(runs: usize, faults: usize, seed: u64, kinds: &[FaultKind
             Some((run, _)) => watch(c.base_url(survivor), run).await,
             None => None,
         };
+        eprintln!(
+            "fault {k}: {} on {} ({} runs)",
+            kind.name(),
+            Cluster::id(victim),
+            owned.len()
+        );
         let fault_at = Instant::now();
         apply(&mut c, kind, victim, &owned).await;
         if !owned.is_empty() {
@@ -506,14 +535,22 @@ async fn chaos_short_seeded_run_loses_nothing_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long; run with `just chaos`"]
 async fn chaos_full() {
-    let env = |k: &str, d: u64| {
+    // `just chaos 1000 50 1 all` and `just chaos runs=1000 faults=50 …` both reach here: a
+    // recipe argument written `name=value` arrives whole, so the name is dropped
+    let arg = |k: &str| {
         std::env::var(k)
             .ok()
-            .and_then(|v| v.parse().ok())
+            .map(|v| v.rsplit('=').next().unwrap_or_default().to_string())
+    };
+    let env = |k: &str, d: u64| {
+        arg(k)
+            .map(|v| {
+                v.parse()
+                    .unwrap_or_else(|_| panic!("{k}: not a number: {v:?}"))
+            })
             .unwrap_or(d)
     };
-    let kinds =
-        FaultKind::parse_list(&std::env::var("CHAOS_KINDS").unwrap_or_else(|_| "all".into()));
+    let kinds = FaultKind::parse_list(&arg("CHAOS_KINDS").unwrap_or_else(|| "all".into()));
     let report = run_chaos(
         env("CHAOS_RUNS", 1000) as usize,
         env("CHAOS_FAULTS", 50) as usize,

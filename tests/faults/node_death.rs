@@ -89,29 +89,67 @@ pub async fn wait_adopted(
     let started = Instant::now();
     let ids: Vec<String> = owned.iter().map(|(id, _)| id.clone()).collect();
     let epochs: Vec<i64> = owned.iter().map(|(_, e)| *e).collect();
-    wait_until(
-        &format!("the runs of {old_owner} to be adopted by another executor"),
-        deadline,
-        || async {
-            let pending = db
+    loop {
+        let pending = db
+            .client()
+            .await
+            .query(
+                "select r.id, r.status, r.executor_id, r.claim_epoch, r.concurrency_key
+                   from spool.runs r
+                   join unnest($1::text[], $2::int8[]) o(id, epoch) on o.id = r.id
+                  where not (r.claim_epoch > o.epoch
+                             and r.status <> 'queued'
+                             and r.executor_id is distinct from $3)",
+                &[&ids, &epochs, &old_owner],
+            )
+            .await
+            .unwrap();
+        if pending.is_empty() {
+            return started.elapsed();
+        }
+        if started.elapsed() > deadline {
+            for r in &pending {
+                let (id, status, owner, epoch, key): (
+                    String,
+                    String,
+                    Option<String>,
+                    i64,
+                    Option<String>,
+                ) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+                eprintln!("not adopted: {id} {status} owner {owner:?} epoch {epoch} key {key:?}");
+            }
+            let liveness = db
                 .client()
                 .await
-                .query_one(
-                    "select count(*) from spool.runs r
-                       join unnest($1::text[], $2::int8[]) o(id, epoch) on o.id = r.id
-                      where not (r.claim_epoch > o.epoch
-                                 and r.status <> 'queued'
-                                 and r.executor_id is distinct from $3)",
-                    &[&ids, &epochs, &old_owner],
+                .query(
+                    "select id, alive, lock_held, incarnation, since_heartbeat::text, takeover_at::text
+                       from spool.executor_liveness order by id",
+                    &[],
                 )
                 .await
-                .unwrap()
-                .get::<_, i64>(0);
-            (pending == 0).then_some(())
-        },
-    )
-    .await;
-    started.elapsed()
+                .map(|rows| {
+                    rows.iter()
+                        .map(|r| {
+                            format!(
+                                "{} alive {} lock {} inc {} since {} takeover {:?}",
+                                r.get::<_, String>(0),
+                                r.get::<_, bool>(1),
+                                r.get::<_, bool>(2),
+                                r.get::<_, i64>(3),
+                                r.get::<_, String>(4),
+                                r.get::<_, Option<String>>(5)
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default();
+            eprintln!("executors: {liveness:#?}");
+            panic!(
+                "timed out after {deadline:?} waiting for the runs of {old_owner} to be adopted by another executor"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a deadline wait
+    }
 }
 
 /// Sessions on the server that hold (or held) `executor`'s id lock.
