@@ -437,11 +437,13 @@ async fn the_same_id_returns_after_a_black_holed_death_within_about_the_lease_an
     );
     p.wait_http().await;
     c.procs[0] = Some(p);
-    assert_eq!(
-        lock_sessions(&c.db, "spool-1").await,
-        1,
-        "the stale session was ended"
-    );
+    // the ended session leaves pg_stat_activity a moment after it let go of the lock
+    wait_until(
+        "the stale lock session to be gone",
+        Duration::from_secs(5),
+        || async { (lock_sessions(&c.db, "spool-1").await == 1).then_some(()) },
+    )
+    .await;
     c.wait_all_terminal(Duration::from_secs(60)).await;
     assert_eq!(
         finished_by(&c.db, &ids(&owned), "spool-1").await,
