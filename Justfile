@@ -27,9 +27,9 @@ dev-db:
 dev-db-stop:
     scripts/pg.sh stop target/dev-pg
 
-# Chaos: runs across 3 executors SIGKILLed and restarted at random (seeded); prints the figures
-chaos runs="1000" kills="50" seed="1":
-    CHAOS_RUNS={{runs}} CHAOS_KILLS={{kills}} CHAOS_SEED={{seed}} scripts/test.sh --test faults --run-ignored ignored-only --no-capture chaos_full
+# Chaos: runs across 3 executors hit by seeded faults (kinds: all, or a comma list of kill, black-hole-kill, freeze, partition-heal, scale-down, rolling-restart); prints the figures per kind
+chaos runs="1000" faults="50" seed="1" kinds="all":
+    CHAOS_RUNS={{runs}} CHAOS_FAULTS={{faults}} CHAOS_SEED={{seed}} CHAOS_KINDS={{kinds}} scripts/test.sh --test faults --run-ignored ignored-only --no-capture chaos_full
 
 # Benchmarks: throughput, latency, live output, recovery and memory against the raw SQL ceiling; writes bench/results.md
 bench:

@@ -5,6 +5,7 @@
 
 pub mod nats;
 pub mod process;
+pub mod relay;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -207,6 +207,20 @@ impl SpoolProcess {
         self.child.try_wait().unwrap()
     }
 
+    /// A counter or gauge from `/metrics`, `None` when the process does not export it (or its
+    /// HTTP API does not answer).
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .find_map(|v| v.trim().parse().ok())
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -1,13 +1,17 @@
 //! A cluster for fault scenarios: a private nats-server and executors `spool-1`..`spool-n` (the
 //! example server, which has the `ledger_ticker` oracle workflow) on one test database, plus the
-//! oracle tables: the steps' ledger and a log of terminal transitions.
+//! oracle tables: the steps' ledger and a log of terminal transitions. A relayed cluster
+//! (`start_relayed`) reaches Postgres and NATS through a [`Relay`] per process, so a test can
+//! freeze, black-hole or heal one node's network.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
 use crate::common::nats::NatsServer;
 use crate::common::process::{Binary, SpoolProcess};
+use crate::common::relay::Relay;
 use crate::common::{wait_until, TestDb};
 
 /// Oracle tables outside Spool's schema. The trigger only observes terminal transitions.
@@ -32,15 +36,56 @@ create trigger log_terminal after update of status on spool.runs for each row
     execute function log_terminal();
 ";
 
+/// One process's network: its way to Postgres (every connection it opens) and to NATS.
+pub struct NodeRelays {
+    pub pg: Relay,
+    pub nats: Relay,
+}
+
+impl NodeRelays {
+    pub fn freeze(&self) {
+        self.pg.freeze();
+        self.nats.freeze();
+    }
+    pub fn black_hole(&self) {
+        self.pg.black_hole();
+        self.nats.black_hole();
+    }
+    pub fn heal(&self) {
+        self.pg.heal();
+        self.nats.heal();
+    }
+}
+
 pub struct Cluster {
     pub db: TestDb,
     pub nats: NatsServer,
     pub procs: Vec<Option<SpoolProcess>>,
     env: Vec<(String, String)>,
+    /// With relays: each process's current network, by executor index.
+    relays: Vec<Option<NodeRelays>>,
+    /// Relays of processes replaced since: kept (never dropped) so that a black-holed dead
+    /// process's sessions stay open on the server until the test ends.
+    retired: Vec<NodeRelays>,
+    relayed: bool,
 }
 
 impl Cluster {
     pub async fn start(db: TestDb, executors: usize, extra_env: &[(&str, &str)]) -> Self {
+        Self::start_with(db, executors, extra_env, false).await
+    }
+
+    /// A cluster whose every process reaches Postgres and NATS through relays of its own.
+    pub async fn start_relayed(db: TestDb, executors: usize, extra_env: &[(&str, &str)]) -> Self {
+        Self::start_with(db, executors, extra_env, true).await
+    }
+
+    async fn start_with(
+        db: TestDb,
+        executors: usize,
+        extra_env: &[(&str, &str)],
+        relayed: bool,
+    ) -> Self {
         db.exec(ORACLE_SQL).await;
         let nats = NatsServer::start().await;
         let mut env: Vec<(String, String)> = vec![
@@ -63,12 +108,61 @@ impl Cluster {
             nats,
             procs: Vec::new(),
             env,
+            relays: Vec::new(),
+            retired: Vec::new(),
+            relayed,
         };
-        for i in 0..executors {
-            c.procs.push(None);
-            c.restart(i).await;
+        for _ in 0..executors {
+            c.add().await;
         }
         c
+    }
+
+    /// Starts one more executor (`spool-{n+1}`) and returns its index.
+    pub async fn add(&mut self) -> usize {
+        self.procs.push(None);
+        self.relays.push(None);
+        let i = self.procs.len() - 1;
+        self.restart(i).await;
+        i
+    }
+
+    /// Executor `i`'s network (a relayed cluster only).
+    pub fn relays(&self, i: usize) -> &NodeRelays {
+        self.relays[i].as_ref().expect("a relayed cluster")
+    }
+
+    /// Fresh relays for a new process `i` (the old ones are kept, see `retired`), and the
+    /// environment that points the process at them.
+    async fn network_for(&mut self, i: usize) -> Vec<(String, String)> {
+        if !self.relayed {
+            return Vec::new();
+        }
+        let mut pg_url = url::Url::parse(&self.db.url).expect("database url");
+        let pg_target: SocketAddr = format!(
+            "{}:{}",
+            pg_url.host_str().unwrap(),
+            pg_url.port().unwrap_or(5432)
+        )
+        .parse()
+        .expect("a numeric Postgres address");
+        let nats_target: SocketAddr = format!("127.0.0.1:{}", self.nats.port).parse().unwrap();
+        let relays = NodeRelays {
+            pg: Relay::start(pg_target).await,
+            nats: Relay::start(nats_target).await,
+        };
+        pg_url.set_port(Some(relays.pg.port())).unwrap();
+        let env = vec![
+            ("DATABASE_URL".to_string(), pg_url.to_string()),
+            (
+                "NATS_URL".to_string(),
+                format!("nats://127.0.0.1:{}", relays.nats.port()),
+            ),
+        ];
+        if let Some(old) = self.relays[i].replace(relays) {
+            self.retired.push(old);
+        }
+        env
     }
 
     pub fn id(i: usize) -> String {
@@ -84,14 +178,18 @@ impl Cluster {
 
     /// (Re)starts executor `i` and waits until it holds its id.
     pub async fn restart(&mut self, i: usize) {
-        let p =
-            SpoolProcess::start(Binary::ExampleServer, &self.db, &Self::id(i), &self.env()).await;
+        let p = self.spawn(i, &[]).await;
+        p.wait_alive(&self.db).await;
+        p.wait_http().await;
         self.procs[i] = Some(p);
     }
 
-    /// Starts executor `i` without waiting (it may refuse or wait for its id).
-    pub fn spawn(&self, i: usize, extra: &[(&str, &str)]) -> SpoolProcess {
+    /// Starts executor `i` without waiting (it may refuse or wait for its id); in a relayed
+    /// cluster, behind fresh relays.
+    pub async fn spawn(&mut self, i: usize, extra: &[(&str, &str)]) -> SpoolProcess {
+        let network = self.network_for(i).await;
         let mut env = self.env();
+        env.extend(network.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         env.extend_from_slice(extra);
         SpoolProcess::spawn(Binary::ExampleServer, &self.db, &Self::id(i), &env)
     }

@@ -8,5 +8,7 @@ mod common;
 
 mod chaos;
 mod cluster;
+mod node_death;
 mod oracle;
+mod relay;
 mod scenarios;

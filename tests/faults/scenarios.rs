@@ -163,7 +163,7 @@ async fn a_run_inserted_by_sql_starts_at_once_also_after_the_listener_is_termina
         Duration::from_secs(10),
         || async {
             (db.scalar_i64(
-                "select count(*) from pg_stat_activity where application_name = 'spool-listen:w'",
+                "select count(*) from pg_stat_activity where application_name = 'spool-listen:w' and datname = current_database()",
             )
             .await
                 == 1)
@@ -173,7 +173,7 @@ async fn a_run_inserted_by_sql_starts_at_once_also_after_the_listener_is_termina
     .await;
     for (i, kill_listener) in [(1, false), (2, true)] {
         if kill_listener {
-            db.exec("select pg_terminate_backend(pid) from pg_stat_activity where application_name = 'spool-listen:w'").await;
+            db.exec("select pg_terminate_backend(pid) from pg_stat_activity where application_name = 'spool-listen:w' and datname = current_database()").await;
         }
         let inserted = Instant::now();
         db.exec(&format!(
@@ -319,7 +319,7 @@ async fn nats_restart_mid_stream_runs_complete_and_attachers_get_the_protocols_b
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_executor_id_twice_refuses_and_a_rolling_restart_strands_nothing() {
     let mut c = Cluster::start(TestDb::new().await, 2, &[]).await;
-    let mut dup = c.spawn(0, &[]);
+    let mut dup = c.spawn(0, &[]).await;
     assert!(!dup.wait_exit(Duration::from_secs(20)).await.success());
     assert!(
         dup.log_text().contains("held by another live process"),
@@ -335,7 +335,7 @@ async fn same_executor_id_twice_refuses_and_a_rolling_restart_strands_nothing() 
     // rolling restart: the old spool-1 drains while the new one waits for the id
     let mut old = c.procs[0].take().unwrap();
     old.signal(Signal::SIGTERM);
-    let new = c.spawn(0, &[("SPOOL_LOCK_WAIT_MS", "30000")]);
+    let new = c.spawn(0, &[("SPOOL_LOCK_WAIT_MS", "30000")]).await;
     assert!(old.wait_exit(Duration::from_secs(30)).await.success());
     new.wait_alive(&c.db).await;
     c.procs[0] = Some(new);
@@ -393,7 +393,7 @@ async fn a_poison_run_ends_dead_and_the_executors_serve_other_runs_between_resta
             );
             // No waiting for it to come up: it may crash again at once. The lock wait covers
             // the moment before the database notices the dead process's lock connection.
-            c.procs[i] = Some(c.spawn(i, &[("SPOOL_LOCK_WAIT_MS", "10000")]));
+            c.procs[i] = Some(c.spawn(i, &[("SPOOL_LOCK_WAIT_MS", "10000")]).await);
         }
         tokio::time::sleep(Duration::from_millis(50)).await; // poll interval of a deadline wait
     }
@@ -498,8 +498,8 @@ async fn a_resumed_zombie_executor_cannot_write_for_runs_it_no_longer_owns() {
     zombie.stop_and_wait_stopped().await;
     // The database drops the stopped process's lock connection (as a network partition would),
     // and a new process takes the id over: a new incarnation re-claims the runs.
-    c.db.exec("select pg_terminate_backend(pid) from pg_stat_activity where application_name = 'spool-lock:spool-1'").await;
-    let successor = c.spawn(0, &[("SPOOL_LOCK_WAIT_MS", "20000")]);
+    c.db.exec("select pg_terminate_backend(pid) from pg_stat_activity where application_name = 'spool-lock:spool-1' and datname = current_database()").await;
+    let successor = c.spawn(0, &[("SPOOL_LOCK_WAIT_MS", "20000")]).await;
     wait_until(
         "the successor to register a new incarnation",
         Duration::from_secs(30),
