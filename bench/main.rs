@@ -17,6 +17,7 @@ mod node_death;
 mod recovery;
 /// The fault relay of the test harness (black-holes a host's connections).
 #[path = "../tests/common/relay.rs"]
+#[allow(dead_code)] // the bench uses only the black hole
 mod relay;
 mod report;
 mod sse;

@@ -210,7 +210,10 @@ async fn one_trial(
     let survivor = match recovery {
         Recovery::Takeover { .. } => Some(
             bench
-                .start(db, settings(ProcSpec::new(format!("bench-nd-b{trial}"), Role::Worker)))
+                .start(
+                    db,
+                    settings(ProcSpec::new(format!("bench-nd-b{trial}"), Role::Worker)),
+                )
                 .await?,
         ),
         Recovery::SameId { .. } => None,
@@ -259,7 +262,10 @@ async fn one_trial(
         )
         .await?
         .get(0);
-    ensure!(stale == 0, "{stale} steps of the dead executor were accepted after the fault");
+    ensure!(
+        stale == 0,
+        "{stale} steps of the dead executor were accepted after the fault"
+    );
     if let Some(p) = survivor {
         p.stop().await?;
     }
