@@ -401,57 +401,6 @@ impl ControlLoop {
         }
     }
 
-    /// Renews the lease on the lock connection, within a deadline. A connection that does not
-    /// answer in time is treated as lost: this process ends its own stale lock session and takes
-    /// the id again. Returns false when the executor must stop (shutdown while reconnecting).
-    async fn renew(&mut self, stop: &CancellationToken) -> Result<bool, ExecutorError> {
-        let sent = Instant::now();
-        match self.lock.heartbeat().await {
-            Ok(true) => {
-                if self.lease.is_fenced() {
-                    tracing::info!("lease renewed; executing again");
-                }
-                self.lease.renewed(sent);
-                Ok(true)
-            }
-            Ok(false) => {
-                self.tasks.abort_all();
-                Err(IdentityError::Superseded(self.settings.executor_id.clone()).into())
-            }
-            Err(IdentityError::Timeout(d)) => {
-                tracing::warn!(deadline = ?d, "the executor lock connection stopped answering; reconnecting");
-                self.lease.renewal_failed();
-                self.reacquire(stop).await
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot renew the lease; retrying");
-                self.lease.renewal_failed();
-                Ok(true)
-            }
-        }
-    }
-
-    /// The lease could not be renewed in time: stop executing before anyone may take the runs
-    /// over. Run tasks are aborted (they publish nothing more); the runs stay owned by this
-    /// incarnation and are taken back by recovery once the lease is renewed, unless live
-    /// executors adopted them meanwhile.
-    fn self_fence(&mut self) {
-        tracing::error!(
-            lease = ?self.settings.lease,
-            in_flight = self.in_flight.len(),
-            "the lease could not be renewed in time: stopped executing"
-        );
-        self.lease.fence();
-        self.tasks.abort_all();
-        self.in_flight.clear();
-        let _ = self.isolation.take_waiting();
-        self.deps.metrics.in_flight.store(0, Ordering::Relaxed);
-        self.deps
-            .metrics
-            .lease_lapses
-            .fetch_add(1, Ordering::Relaxed);
-    }
-
     /// Bounds a statement of the control loop, so a frozen connection cannot freeze the loop,
     /// and never past the moment the lease lapses (the loop must be free to stop executing then).
     async fn within<T>(
@@ -501,61 +450,6 @@ impl ControlLoop {
             .metrics
             .in_flight
             .store(self.in_flight.len() as u64, Ordering::Relaxed);
-    }
-
-    /// The lock connection closed. Retries until the id is held again (`Ok(true)`), shutdown
-    /// (`Ok(false)`), or another process turns out to hold it (error: this process must stop).
-    async fn reacquire(&mut self, stop: &CancellationToken) -> Result<bool, ExecutorError> {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            if self.lease.lapsed(Instant::now()) && !self.lease.is_fenced() {
-                self.self_fence();
-            }
-            let sent = Instant::now();
-            let attempt = self.lock.reacquire(
-                &self.target,
-                &self.workflows,
-                self.settings.queues.as_deref(),
-            );
-            // the lease may lapse while the attempt waits on a dead link: stop executing then
-            let lapses_at = (!self.lease.is_fenced()).then(|| self.lease.valid_until());
-            let result = tokio::select! {
-                _ = stop.cancelled() => return Ok(false),
-                r = attempt => Some(r),
-                _ = sleep_until_some(lapses_at) => None,
-            };
-            let Some(result) = result else {
-                continue; // the loop's first line fences
-            };
-            match result {
-                Ok(()) => {
-                    tracing::info!("executor lock reacquired");
-                    // registering again renewed the lease
-                    self.lease.renewed(sent);
-                    return Ok(true);
-                }
-                Err(IdentityError::Db(e)) => {
-                    tracing::warn!(error = %e, "cannot reacquire the executor lock yet");
-                }
-                Err(IdentityError::Timeout(d)) => {
-                    tracing::warn!(deadline = ?d, "cannot reacquire the executor lock yet: no answer");
-                }
-                Err(fatal) => {
-                    self.tasks.abort_all();
-                    return Err(fatal.into());
-                }
-            }
-            let retry_at = (Instant::now() + backoff).min(if self.lease.is_fenced() {
-                Instant::now() + backoff
-            } else {
-                self.lease.valid_until()
-            });
-            tokio::select! {
-                _ = stop.cancelled() => return Ok(false),
-                _ = tokio::time::sleep_until(retry_at) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-        }
     }
 
     /// Graceful shutdown: no more claims; in-flight runs get the grace period; the rest are

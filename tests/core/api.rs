@@ -11,7 +11,7 @@ use spool::Registry;
 use crate::common::TestDb;
 
 /// Serves the API on a real listener (port 0) and returns its base URL.
-async fn serve(db: &TestDb, token: Option<&str>) -> String {
+pub(crate) async fn serve(db: &TestDb, token: Option<&str>) -> String {
     let state = AppState {
         pool: db.pool.clone(),
         registry: Registry::with_builtins(),

@@ -8,7 +8,6 @@
 //! Seeded: `SPOOL_HOSTILE_SEED` and `SPOOL_HOSTILE_ROWS` (`just hostile` runs a long one).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -16,8 +15,6 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use spool::api::{self, AppState, AttachLimits};
-use spool::executor::Metrics;
 use spool::Registry;
 
 use crate::common::{wait_until, TestDb};
@@ -158,22 +155,6 @@ async fn insert(db: &TestDb, sql: &str) -> Inserted {
     }
 }
 
-async fn serve_api(db: &TestDb) -> String {
-    let state = AppState {
-        pool: db.pool.clone(),
-        registry: Registry::with_builtins(),
-        api_token: None,
-        metrics: Arc::new(Metrics::default()),
-        max_body_bytes: 4096,
-        live: None,
-        attach: Arc::new(AttachLimits::new(10, 10, Duration::from_secs(15))),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
-    format!("http://{addr}")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hand_inserted_edge_rows_are_refused_or_end_documented_and_normal_runs_flow() {
     let seed: u64 = std::env::var("SPOOL_HOSTILE_SEED")
@@ -189,7 +170,7 @@ async fn hand_inserted_edge_rows_are_refused_or_end_documented_and_normal_runs_f
     let mut s = crate::common::settings("hostile-e");
     s.concurrency = 64;
     let executor = db.executor_with(s, Registry::with_builtins()).await;
-    let base = serve_api(&db).await;
+    let base = crate::api::serve(&db, None).await;
 
     let mut odd = Vec::new();
     let mut normal = Vec::new();
@@ -386,7 +367,7 @@ async fn rows_the_code_cannot_decode_fail_with_undecodable_row_and_never_panic()
             "succeeded"
         );
     }
-    let base = serve_api(&db).await;
+    let base = crate::api::serve(&db, None).await;
     for id in ["inf-created", "deep-input", "huge-number", "null-chunk"] {
         let show: Value = reqwest::get(format!("{base}/v1/runs/{id}"))
             .await
