@@ -192,7 +192,7 @@ pub async fn start(
                 if Instant::now() >= give_up && !standing_still {
                     return Err(IdentityError::InUse(id).into());
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
             other => break (other?, taken_at),
         }

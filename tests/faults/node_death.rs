@@ -412,6 +412,17 @@ async fn the_same_id_returns_after_a_black_holed_death_within_about_the_lease_an
     c.kill(0).await;
     let killed = Instant::now();
     assert_eq!(lock_sessions(&c.db, "spool-1").await, 1);
+    let stale_pid: i32 =
+        c.db.client()
+            .await
+            .query_one(
+                "select pid from pg_stat_activity
+              where application_name = 'spool-lock:spool-1' and datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
     let p = c.spawn(0, &[("SPOOL_LOCK_WAIT_MS", "30000")]).await;
     wait_until(
         "spool-1 to start again (a new incarnation, alive)",
@@ -439,9 +450,16 @@ async fn the_same_id_returns_after_a_black_holed_death_within_about_the_lease_an
     c.procs[0] = Some(p);
     // the ended session leaves pg_stat_activity a moment after it let go of the lock
     wait_until(
-        "the stale lock session to be gone",
-        Duration::from_secs(5),
-        || async { (lock_sessions(&c.db, "spool-1").await == 1).then_some(()) },
+        "the stale lock session to be ended",
+        Duration::from_secs(10),
+        || async {
+            let left =
+                c.db.scalar_i64(&format!(
+                    "select count(*) from pg_stat_activity where pid = {stale_pid}"
+                ))
+                .await;
+            (left == 0).then_some(())
+        },
     )
     .await;
     c.wait_all_terminal(Duration::from_secs(60)).await;
