@@ -24,7 +24,8 @@ pub struct ServeArgs {
     /// JetStream stream holding live output.
     #[arg(long, env = "SPOOL_NATS_STREAM", default_value = "SPOOL_OUTPUT")]
     pub nats_stream: String,
-    /// Subject prefix of live output; a run's subject is `{prefix}.{run_id}`.
+    /// Subject prefix of live output; a run attempt's subject is
+    /// `{prefix}.{run_id}.{enqueue_seq}.{claim_epoch}`.
     #[arg(
         long,
         env = "SPOOL_NATS_SUBJECT_PREFIX",

@@ -48,11 +48,7 @@ pub struct RunnerDeps {
 pub async fn execute(run: Run, deps: Arc<RunnerDeps>) {
     let id = run.id.clone();
     let epoch = run.claim_epoch;
-    let sink = (deps.chunks)(&RunIdentity {
-        run_id: run.id.clone(),
-        claim_epoch: run.claim_epoch,
-        attempt: run.attempt,
-    });
+    let sink = (deps.chunks)(&RunIdentity::of(&run));
     let (mut outcome, mut output, mut error) = match decide(run, &deps, sink.clone()).await {
         Some(end) => storable(end),
         None => return,
@@ -184,11 +180,7 @@ async fn decide(run: Run, deps: &RunnerDeps, sink: Arc<dyn ChunkSink>) -> Option
             &bad.undecodable,
         ));
     }
-    let identity = RunIdentity {
-        run_id: run.id.clone(),
-        claim_epoch: run.claim_epoch,
-        attempt: run.attempt,
-    };
+    let identity = RunIdentity::of(&run);
     let ctx = RunContext::new(
         identity,
         deps.writes.steps.clone(),

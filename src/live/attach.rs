@@ -66,6 +66,7 @@ pub async fn produce(
     tx: mpsc::Sender<AttachEvent>,
 ) {
     let mut a = Attacher {
+        subjects: live.run_subjects(&run.id, run.enqueue_seq),
         live,
         pool,
         run_id: run.id.clone(),
@@ -81,6 +82,8 @@ struct Attacher {
     live: Arc<LiveOutput>,
     pool: Pool,
     run_id: String,
+    /// The wildcard over the subjects of every attempt of the run.
+    subjects: String,
     /// Stream sequence of the last message handed to the client (or skipped).
     last_seq: u64,
     /// The client has no output yet (no Last-Event-ID, nothing sent): a `reset` means nothing
@@ -175,10 +178,9 @@ impl Attacher {
 
     async fn subject_is_empty(&self) -> Option<bool> {
         let stream = Box::pin(self.live.ensure_stream()).await.ok()?;
-        let subject = self.live.subject(&self.run_id);
         match tokio::time::timeout(
             self.live.settings.op_timeout,
-            stream.get_last_raw_message_by_subject(&subject),
+            stream.get_last_raw_message_by_subject(&self.subjects),
         )
         .await
         {
@@ -194,10 +196,9 @@ impl Attacher {
         let Ok(stream) = Box::pin(self.live.ensure_stream()).await else {
             return false;
         };
-        let subject = self.live.subject(&self.run_id);
         match tokio::time::timeout(
             self.live.settings.op_timeout,
-            stream.get_last_raw_message_by_subject(&subject),
+            stream.get_last_raw_message_by_subject(&self.subjects),
         )
         .await
         {
@@ -240,7 +241,7 @@ impl Attacher {
             Err(e) => return Next::Unavailable(e.to_string()),
         };
         let config = OrderedConfig {
-            filter_subject: self.live.subject(&self.run_id),
+            filter_subject: self.subjects.clone(),
             deliver_policy: if self.last_seq == 0 {
                 DeliverPolicy::All
             } else {

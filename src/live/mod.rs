@@ -1,4 +1,10 @@
-//! Live output over NATS JetStream: one stream, one subject per run (`{prefix}.{run_id}`).
+//! Live output over NATS JetStream: one stream, one subject per run attempt
+//! (`{prefix}.{run_id}.{enqueue_seq}.{claim_epoch}`).
+//!
+//! An attempt purges only its own subject and its run's older attempts' subjects, never a
+//! newer attempt's: a superseded attempt that is still running (a zombie) can publish on its own
+//! subject, which attachers ignore, but cannot delete what the current attempt published. The
+//! `enqueue_seq` token tells a run id inserted again apart from the row it replaced.
 //!
 //! - [`publisher::ChunkPublisher`] is a run attempt's [`crate::workflow::ChunkSink`]: it purges
 //!   the run's subject (and awaits the purge) before the attempt's first message, publishes a
@@ -179,10 +185,23 @@ impl LiveOutput {
             .await
     }
 
-    /// The subject of a run's live output. Run ids are validated (letters, digits, `-`, `_`,
-    /// `:`), so they are always one subject token.
-    pub fn subject(&self, run_id: &str) -> String {
-        format!("{}.{}", self.settings.subject_prefix, run_id)
+    /// The subject of one attempt's live output. Run ids are validated (letters, digits, `-`,
+    /// `_`, `:`), so they are always one subject token.
+    pub fn subject(&self, run_id: &str, enqueue_seq: i64, claim_epoch: i64) -> String {
+        format!(
+            "{}.{run_id}.{enqueue_seq}.{claim_epoch}",
+            self.settings.subject_prefix
+        )
+    }
+
+    /// The subjects of every attempt of a run (a wildcard ending in the claim epoch).
+    pub fn run_subjects(&self, run_id: &str, enqueue_seq: i64) -> String {
+        format!("{}.{run_id}.{enqueue_seq}.*", self.settings.subject_prefix)
+    }
+
+    /// The claim epoch an attempt's subject ends with.
+    pub fn epoch_of_subject(subject: &str) -> Option<i64> {
+        subject.rsplit('.').next()?.parse().ok()
     }
 
     /// Runs a repair task in the background (see the publisher).

@@ -1,8 +1,10 @@
 //! [`ChunkPublisher`]: the live output of one run attempt.
 //!
-//! Order of every attempt on the run's subject: purge (awaited) → `reset` (when an earlier claim
-//! existed) → chunks → end. Every message carries run id, claim epoch and a sequence number, and
-//! `Nats-Msg-Id = run:epoch:seq`. Publishes are pipelined: at most `ack_window` acks are pending
+//! Order of every attempt on its own subject: purge of that subject and of the run's older
+//! attempts' subjects (awaited) → `reset` (when an earlier claim existed) → chunks → end. No
+//! purge ever covers a newer attempt's subject, so a superseded attempt cannot delete the current
+//! one's output. Every message carries run id, claim epoch and a sequence number, and
+//! `Nats-Msg-Id = run:enqueue_seq:epoch:seq`. Publishes are pipelined: at most `ack_window` acks are pending
 //! before the publisher awaits the oldest.
 //!
 //! When NATS fails (a publish, an ack or the purge), the publisher stops publishing, keeps the
@@ -16,9 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::context::PublishAckFuture;
+use async_nats::jetstream::stream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use futures::TryStreamExt;
 
 use super::{header, LiveError, LiveOutput};
 use crate::executor::ChunkSinkFactory;
@@ -44,7 +48,14 @@ pub struct ChunkPublisher {
     live: Arc<LiveOutput>,
     run_id: Arc<str>,
     epoch: i64,
+    /// This attempt's subject.
     subject: String,
+    /// The wildcard over every attempt's subject of this run.
+    run_subjects: String,
+    /// `run:enqueue_seq:epoch`, the start of every `Nats-Msg-Id` of this attempt (JetStream drops
+    /// a message whose id it saw within the duplicate window, so ids are never reused, also not
+    /// by a run id inserted again).
+    msg_id_prefix: String,
     state: Arc<tokio::sync::Mutex<State>>,
 }
 
@@ -111,7 +122,9 @@ impl ChunkPublisher {
             broken: false,
         };
         Self {
-            subject: live.subject(&id.run_id),
+            subject: live.subject(&id.run_id, id.enqueue_seq, id.claim_epoch),
+            run_subjects: live.run_subjects(&id.run_id, id.enqueue_seq),
+            msg_id_prefix: format!("{}:{}:{}", id.run_id, id.enqueue_seq, id.claim_epoch),
             live,
             run_id: Arc::from(id.run_id.as_str()),
             epoch: id.claim_epoch,
@@ -128,7 +141,7 @@ impl ChunkPublisher {
         h.insert(header::GEN, gen.to_string().as_str());
         h.insert(
             async_nats::header::NATS_MESSAGE_ID,
-            format!("{}:{}:{}", self.run_id, self.epoch, seq).as_str(),
+            format!("{}:{seq}", self.msg_id_prefix).as_str(),
         );
         h
     }
@@ -177,8 +190,9 @@ impl ChunkPublisher {
         Ok(last)
     }
 
-    /// Purge the subject (awaited), then `reset` on a re-run. Old acks are dropped: whatever
-    /// they acknowledged is gone with the purge. With `republish` (a rewind or a repair) the
+    /// Purges this attempt's subject and the older attempts' ones (awaited), then publishes
+    /// `reset` on a re-run. Old acks are dropped: whatever they acknowledged is gone with the
+    /// purge. With `republish` (a rewind or a repair) the
     /// output starts a new generation and every kept chunk is published again.
     async fn restart(&self, st: &mut State, republish: bool) -> Result<(), LiveError> {
         st.pending.clear();
@@ -188,6 +202,9 @@ impl ChunkPublisher {
         self.timed(self.live.client.flush()).await?;
         self.timed(stream.purge().filter(self.subject.clone()).into_future())
             .await?;
+        if self.epoch > 1 {
+            self.purge_older_attempts(stream).await?;
+        }
         st.started = true;
         if self.epoch > 1 || republish {
             if republish {
@@ -213,6 +230,34 @@ impl ChunkPublisher {
             for chunk in chunks {
                 self.publish(st, "chunk", Bytes::from(chunk)).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Purges the subjects of this run's attempts with a lower claim epoch (a killed attempt's
+    /// output, and whatever a superseded one published so far). Later publishes of a superseded
+    /// attempt stay on its own subject, where attachers ignore them until they expire.
+    async fn purge_older_attempts(&self, stream: &stream::Stream) -> Result<(), LiveError> {
+        let older = self
+            .timed(async {
+                let mut subjects = stream
+                    .info_with_subjects(&self.run_subjects)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut older = Vec::new();
+                while let Some((subject, _count)) =
+                    subjects.try_next().await.map_err(|e| e.to_string())?
+                {
+                    if LiveOutput::epoch_of_subject(&subject).is_some_and(|e| e < self.epoch) {
+                        older.push(subject);
+                    }
+                }
+                Ok::<_, String>(older)
+            })
+            .await?;
+        for subject in older {
+            self.timed(stream.purge().filter(subject).into_future())
+                .await?;
         }
         Ok(())
     }

@@ -28,8 +28,23 @@ use crate::executor::batcher::Batcher;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunIdentity {
     pub run_id: String,
+    /// The row's `enqueue_seq`: unique per inserted row, so a run id deleted and inserted again
+    /// is told apart from its earlier incarnation (its live output goes to other subjects).
+    pub enqueue_seq: i64,
     pub claim_epoch: i64,
     pub attempt: i32,
+}
+
+impl RunIdentity {
+    /// The identity of the attempt that claimed `run`.
+    pub fn of(run: &crate::db::runs::Run) -> Self {
+        Self {
+            run_id: run.id.clone(),
+            enqueue_seq: run.enqueue_seq,
+            claim_epoch: run.claim_epoch,
+            attempt: run.attempt,
+        }
+    }
 }
 
 /// How a run ended, as its live output announces it.

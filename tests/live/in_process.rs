@@ -34,9 +34,20 @@ pub(crate) async fn live_output(db: &TestDb, nats: &NatsServer) -> Arc<LiveOutpu
     live
 }
 
-fn attempt(run_id: &str, epoch: i64) -> RunIdentity {
+/// Attempt `epoch` of the run `run_id` (already inserted).
+async fn attempt(db: &TestDb, run_id: &str, epoch: i64) -> RunIdentity {
+    let row = db
+        .client()
+        .await
+        .query_one(
+            "select enqueue_seq from spool.runs where id = $1",
+            &[&run_id],
+        )
+        .await
+        .unwrap();
     RunIdentity {
         run_id: run_id.into(),
+        enqueue_seq: row.get(0),
         claim_epoch: epoch,
         attempt: epoch as i32,
     }
@@ -72,8 +83,8 @@ async fn a_zombie_publishers_chunks_never_appear_after_the_new_attempts_reset() 
     let nats = NatsServer::start().await;
     let live = live_output(&db, &nats).await;
     db.exec("insert into spool.runs (id, workflow, status, executor_id, claim_epoch, attempt) values ('z', 'ticker', 'running', 'e', 2, 2)").await;
-    let zombie = ChunkPublisher::new(live.clone(), &attempt("z", 1));
-    let current = ChunkPublisher::new(live.clone(), &attempt("z", 2));
+    let zombie = ChunkPublisher::new(live.clone(), &attempt(&db, "z", 1).await);
+    let current = ChunkPublisher::new(live.clone(), &attempt(&db, "z", 2).await);
 
     zombie.emit("zombie-1".into()).await;
     zombie.flush().await;
@@ -112,6 +123,203 @@ async fn a_zombie_publishers_chunks_never_appear_after_the_new_attempts_reset() 
     );
 }
 
+/// Reads a run's events through the attach producer, resuming after stream sequence `after`.
+async fn attach_after(
+    live: &Arc<LiveOutput>,
+    db: &TestDb,
+    run_id: &str,
+    after: u64,
+) -> Vec<(&'static str, String)> {
+    let client = db.client().await;
+    let run = spool::db::runs::get_run(&client, run_id)
+        .await
+        .unwrap()
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(attach::produce(
+        live.clone(),
+        db.pool.clone(),
+        run,
+        after,
+        tx,
+    ));
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(e) = rx.recv().await {
+            let end = e.is_end();
+            out.push((e.kind, e.data));
+            if end {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("attach ends");
+    out
+}
+
+/// Stream sequence of every message of a run, with its kind, epoch and payload.
+async fn messages_of(live: &Arc<LiveOutput>, run_id: &str) -> Vec<(u64, String, i64, String)> {
+    let mut stream = live.ensure_stream().await.unwrap().clone();
+    let state = stream.info().await.unwrap().state.clone();
+    let mut out = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        let Ok(m) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        if m.headers.get("Spool-Run").map(|r| r.as_str()) != Some(run_id) {
+            continue;
+        }
+        let kind = m.headers.get("Spool-Kind").unwrap().as_str().to_string();
+        let epoch = m
+            .headers
+            .get("Spool-Epoch")
+            .unwrap()
+            .as_str()
+            .parse()
+            .unwrap();
+        out.push((
+            seq,
+            kind,
+            epoch,
+            String::from_utf8_lossy(&m.payload).into_owned(),
+        ));
+    }
+    out
+}
+
+/// What a superseded attempt does first, after the current attempt has already published.
+#[derive(Debug, Clone, Copy)]
+enum ZombieMove {
+    /// Its first chunk (which purged the whole subject before publishing).
+    FirstEmit,
+    /// A retry's rewind of its output.
+    Rewind,
+    /// The settle before its end, never having emitted (an attempt after a crash clears what
+    /// an earlier one published).
+    Settle,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_that_first_publishes_after_the_current_attempt_deletes_and_hides_nothing() {
+    let db = TestDb::new().await;
+    let nats = NatsServer::start().await;
+    let live = live_output(&db, &nats).await;
+    for (n, zombie_move) in [
+        ZombieMove::FirstEmit,
+        ZombieMove::Rewind,
+        ZombieMove::Settle,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let run_id = format!("zm{n}");
+        db.exec(&format!("insert into spool.runs (id, workflow, status, executor_id, claim_epoch, attempt) values ('{run_id}', 'ticker', 'running', 'e', 3, 3)")).await;
+        let zombie_attempt = attempt(&db, &run_id, 2).await;
+        let zombie_seq = zombie_attempt.enqueue_seq;
+        let zombie = ChunkPublisher::new(live.clone(), &zombie_attempt);
+        let current = ChunkPublisher::new(live.clone(), &attempt(&db, &run_id, 3).await);
+
+        current.emit("tick-1".into()).await; // purge, reset, tick-1
+        current.flush().await;
+        match zombie_move {
+            ZombieMove::FirstEmit => zombie.emit("zombie-1".into()).await,
+            ZombieMove::Rewind => zombie.rewind(0).await,
+            ZombieMove::Settle => {}
+        }
+        zombie.flush().await;
+        current.emit("tick-2".into()).await;
+        current.flush().await;
+        db.exec(&format!("update spool.runs set status = 'succeeded', output = '{{\"ticks\": 2}}', finished_at = now() where id = '{run_id}'")).await;
+        current.finish(RunEnd::Done(json!({"ticks": 2}))).await;
+
+        // The current attempt's reset and first chunk are still in the stream.
+        let messages = messages_of(&live, &run_id).await;
+        let current_messages: Vec<(&str, &str)> = messages
+            .iter()
+            .filter(|m| m.2 == 3)
+            .map(|m| (m.1.as_str(), m.3.as_str()))
+            .collect();
+        assert_eq!(
+            current_messages,
+            [
+                ("reset", ""),
+                ("chunk", "tick-1"),
+                ("chunk", "tick-2"),
+                ("done", "{\"ticks\":2}")
+            ],
+            "{zombie_move:?}: the current attempt's messages in the stream: {messages:?}"
+        );
+        // (the attacher finds a run's last message across its attempts' subjects)
+        let last = live
+            .ensure_stream()
+            .await
+            .unwrap()
+            .get_last_raw_message_by_subject(&live.run_subjects(&run_id, zombie_seq))
+            .await
+            .unwrap();
+        assert_eq!(last.sequence, messages.last().unwrap().0);
+        let seq_of = |kind: &str, data: &str| {
+            messages
+                .iter()
+                .find(|m| m.2 == 3 && m.1 == kind && m.3 == data)
+                .unwrap()
+                .0
+        };
+
+        // A late attacher, and resumes from the reset and from the first chunk, each see the
+        // current attempt exactly once.
+        let whole = [
+            ("chunk", "tick-1".to_string()),
+            ("chunk", "tick-2".to_string()),
+            ("done", "{\"ticks\":2}".to_string()),
+        ];
+        assert_eq!(
+            attach_after(&live, &db, &run_id, 0).await,
+            whole,
+            "{zombie_move:?}: late attacher"
+        );
+        assert_eq!(
+            attach_after(&live, &db, &run_id, seq_of("reset", "")).await,
+            whole,
+            "{zombie_move:?}: resume after the reset"
+        );
+        assert_eq!(
+            attach_after(&live, &db, &run_id, seq_of("chunk", "tick-1")).await,
+            whole[1..],
+            "{zombie_move:?}: resume after the first chunk"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_id_inserted_again_shows_none_of_the_deleted_rows_output() {
+    let db = TestDb::new().await;
+    let nats = NatsServer::start().await;
+    let live = live_output(&db, &nats).await;
+    db.exec("insert into spool.runs (id, workflow, status, executor_id, claim_epoch, attempt) values ('again', 'ticker', 'running', 'e', 2, 2)").await;
+    for epoch in [1, 2] {
+        let old = ChunkPublisher::new(live.clone(), &attempt(&db, "again", epoch).await);
+        old.emit(format!("old-{epoch}")).await;
+        old.finish(RunEnd::Done(json!("old"))).await;
+    }
+    // The row is deleted and a new run is inserted with the same id.
+    db.exec("delete from spool.runs where id = 'again'").await;
+    db.exec("insert into spool.runs (id, workflow, status, executor_id, claim_epoch, attempt) values ('again', 'ticker', 'running', 'e', 1, 1)").await;
+    let new = ChunkPublisher::new(live.clone(), &attempt(&db, "again", 1).await);
+    new.emit("new-1".into()).await;
+    db.exec("update spool.runs set status = 'succeeded', output = '\"new\"', finished_at = now() where id = 'again'").await;
+    new.finish(RunEnd::Done(json!("new"))).await;
+
+    assert_eq!(
+        attach_after(&live, &db, "again", 0).await,
+        [
+            ("chunk", "new-1".to_string()),
+            ("done", "\"new\"".to_string())
+        ]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_is_cut_off_and_resumes_with_its_last_event_id() {
     let db = TestDb::new().await;
@@ -119,7 +327,7 @@ async fn a_slow_client_is_cut_off_and_resumes_with_its_last_event_id() {
     let live = live_output(&db, &nats).await;
     const N: usize = 3000;
     db.exec("insert into spool.runs (id, workflow, status, executor_id, claim_epoch, attempt, output, finished_at) values ('s', 'ticker', 'succeeded', 'e', 1, 1, '\"big\"', now())").await;
-    let publisher = ChunkPublisher::new(live.clone(), &attempt("s", 1));
+    let publisher = ChunkPublisher::new(live.clone(), &attempt(&db, "s", 1).await);
     let pad = "x".repeat(8 * 1024);
     for i in 0..N {
         publisher.emit(format!("c{i}:{pad}")).await;

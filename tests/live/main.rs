@@ -144,11 +144,12 @@ async fn subject_epochs(db: &TestDb, nats: &NatsServer, run_id: &str) -> Vec<i64
         .await
         .unwrap();
     let state = stream.info().await.unwrap().state.clone();
-    let subject = format!("out_{}.{run_id}", db.name);
+    // every attempt's subject: `{prefix}.{run_id}.{enqueue_seq}.{claim_epoch}`
+    let subjects = format!("out_{}.{run_id}.", db.name);
     let mut epochs = Vec::new();
     for seq in state.first_sequence..=state.last_sequence {
         if let Ok(m) = stream.get_raw_message(seq).await {
-            if m.subject.as_str() == subject {
+            if m.subject.as_str().starts_with(&subjects) {
                 epochs.push(
                     m.headers
                         .get("Spool-Epoch")
@@ -299,7 +300,7 @@ async fn a_finished_run_whose_chunks_expired_attaches_with_its_end_from_postgres
         .get_stream(format!("S_{}", db.name))
         .await
         .unwrap();
-    let subject = format!("out_{}.old", db.name);
+    let subject = format!("out_{}.old.>", db.name);
     wait_until("the chunks to expire", Duration::from_secs(30), || async {
         stream
             .get_last_raw_message_by_subject(&subject)
@@ -352,7 +353,7 @@ async fn nats_killed_mid_run_the_run_completes_and_attachers_get_unavailable_the
         .get_stream(format!("S_{}", db.name))
         .await
         .unwrap();
-    let subject = format!("out_{}.n", db.name);
+    let subject = format!("out_{}.n.>", db.name);
     wait_until(
         "the output to be republished with its end",
         Duration::from_secs(60),
