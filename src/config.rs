@@ -73,10 +73,14 @@ pub struct ServeArgs {
     /// Most runs claimed per statement.
     #[arg(long, env = "SPOOL_CLAIM_BATCH", default_value_t = 64)]
     pub claim_batch: usize,
-    /// Pooled Postgres connections of the process (API, memo reads, batched writes); the claim
-    /// has two of its own and the executor lock and wake-up listener one each.
+    /// Pooled Postgres connections of the executor (memo reads, batched writes); the claim has
+    /// two of its own and the executor lock and wake-up listener one each.
     #[arg(long, env = "SPOOL_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,
+    /// Pooled Postgres connections of the HTTP API (its own pool: no request waits on, or
+    /// takes from, the executor's connections).
+    #[arg(long, env = "SPOOL_API_DB_POOL_SIZE", default_value_t = 8)]
+    pub api_db_pool_size: usize,
     /// Comma-separated queues to serve (default: all).
     #[arg(long, env = "SPOOL_QUEUES", value_delimiter = ',')]
     pub queues: Option<Vec<String>>,
@@ -146,8 +150,10 @@ pub struct Config {
     pub listen: SocketAddr,
     pub api_token: Option<String>,
     pub max_body_bytes: usize,
-    /// Pooled Postgres connections (`SPOOL_DB_POOL_SIZE`).
+    /// Pooled Postgres connections of the executor (`SPOOL_DB_POOL_SIZE`).
     pub db_pool_size: usize,
+    /// Pooled Postgres connections of the HTTP API (`SPOOL_API_DB_POOL_SIZE`).
+    pub api_db_pool_size: usize,
     pub serve_api: bool,
     pub run_executor: bool,
     pub executor: ExecutorSettings,
@@ -189,6 +195,9 @@ impl Config {
         if args.db_pool_size == 0 {
             return Err(ConfigError::Zero("SPOOL_DB_POOL_SIZE"));
         }
+        if args.api_db_pool_size == 0 {
+            return Err(ConfigError::Zero("SPOOL_API_DB_POOL_SIZE"));
+        }
         let mut executor = ExecutorSettings::new(executor_id);
         executor.concurrency = args.concurrency;
         executor.claim_batch = args.claim_batch;
@@ -228,6 +237,7 @@ impl Config {
             api_token,
             max_body_bytes: args.max_body_bytes,
             db_pool_size: args.db_pool_size,
+            api_db_pool_size: args.api_db_pool_size,
             serve_api,
             run_executor: !args.api_only,
             executor,

@@ -95,8 +95,13 @@ pub async fn serve(
             })?;
         let addr = listener.local_addr().map_err(ServeError::Http)?;
         tracing::info!(%addr, "HTTP API listening");
+        let api_pool = crate::db::pool(
+            &config.database,
+            config.api_db_pool_size,
+            &format!("spool-api:{}", config.executor.executor_id),
+        );
         let state = AppState {
-            pool: pool.clone(),
+            pool: api_pool,
             registry,
             api_token: config.api_token.as_deref().map(Arc::from),
             metrics: metrics.clone(),
