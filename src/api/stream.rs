@@ -19,11 +19,11 @@
 //! `""` is a data line like any other, and every client already has a JSON decoder. Non-ASCII
 //! text stays UTF-8 (not `\u` escapes).
 //!
-//! Each client gets a producer task (see `crate::live::attach`) feeding a bounded channel; the
-//! response reads from it. Attachers are capped per run and in total (429 past the cap). A
-//! client that stops reading is cut by the connection's write deadline (see `slow_clients`),
-//! which drops the response and, with it, the producer and its consumer: server memory per
-//! client stays bounded, and the client resumes with `Last-Event-ID`.
+//! Each client's response polls its own position in the run's shared feed (see
+//! `crate::live::feed` and `crate::live::attach`): no task, channel or consumer per client.
+//! Attachers are capped per run and in total (429 past the cap). A client that stops reading is
+//! cut by the connection's write deadline (see `slow_clients`), which drops the response: server
+//! memory per client stays bounded, and the client resumes with `Last-Event-ID`.
 //!
 //! When the server shuts down ([`AttachLimits::end_all`]), every stream ends at once with a
 //! `reconnect` event whose id is that of the last event the client was handed (events still
@@ -45,15 +45,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
-use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::{ApiError, AppState};
 use crate::db::runs;
 use crate::live::attach::{self, AttachEvent};
-
-/// Events buffered per client between the producer and the connection.
-const CLIENT_BUFFER: usize = 64;
 
 /// Caps on attachers, and the switch that ends every attach stream when the server shuts down.
 #[derive(Debug)]
@@ -161,17 +157,12 @@ pub async fn attach(
             "too many clients are attached; try again later",
         )
     })?;
-    let (tx, rx) = mpsc::channel::<AttachEvent>(CLIENT_BUFFER);
-    let producer = tokio::spawn(attach::produce(live, state.pool.clone(), run, after, tx));
     let events = AttachStream {
-        rx,
+        events: Box::pin(attach::events(live, state.pool.clone(), run, after)),
         closing: Box::pin(state.attach.closing.clone().cancelled_owned()),
         last_id: after,
         ended: false,
-        _owned: Owned {
-            _guard: guard,
-            producer,
-        },
+        _guard: guard,
     };
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(state.attach.keep_alive))
@@ -190,27 +181,15 @@ fn last_event_id(header: &str) -> Option<u64> {
     id.parse::<i64>().ok().map(|id| id as u64)
 }
 
-/// What a response stream owns: dropping it (client gone, connection cut) stops the producer.
-struct Owned {
-    _guard: AttachGuard,
-    producer: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Owned {
-    fn drop(&mut self) {
-        self.producer.abort();
-    }
-}
-
 /// A response's events: the producer's until the server shuts down, then `reconnect`.
 struct AttachStream {
-    rx: mpsc::Receiver<AttachEvent>,
+    events: Pin<Box<dyn Stream<Item = AttachEvent> + Send>>,
     closing: Pin<Box<WaitForCancellationFutureOwned>>,
     /// Id of the last event handed to the client (at first, its `Last-Event-ID`): where it
     /// resumes after `reconnect`.
     last_id: u64,
     ended: bool,
-    _owned: Owned,
+    _guard: AttachGuard,
 }
 
 impl Stream for AttachStream {
@@ -226,7 +205,7 @@ impl Stream for AttachStream {
             this.ended = true;
             return Poll::Ready(Some(Ok(reconnect_event(this.last_id))));
         }
-        match this.rx.poll_recv(cx) {
+        match this.events.as_mut().poll_next(cx) {
             Poll::Ready(Some(e)) => {
                 this.last_id = e.id;
                 Poll::Ready(Some(Ok(sse_event(e))))

@@ -16,6 +16,7 @@
 //! never fails or stalls a run.
 
 pub mod attach;
+pub mod feed;
 pub mod publisher;
 
 use std::sync::Arc;
@@ -33,7 +34,12 @@ pub mod header {
     pub const SEQ: &str = "Spool-Seq";
     /// Output generation within the attempt (raised by a republish).
     pub const GEN: &str = "Spool-Gen";
+    /// On a message too large for one NATS message, published in parts: `i/n` (1-based).
+    pub const PART: &str = "Spool-Part";
 }
+
+/// Room kept for headers when a payload is split to fit the server's maximum payload.
+const HEADER_ROOM: usize = 2048;
 
 /// The context-wide bound of async-nats on pending acks: far above what publishers let pend.
 const ACK_BACKSTOP: usize = 1 << 20;
@@ -88,6 +94,55 @@ pub struct LiveOutput {
     repairs: std::sync::Mutex<tokio::task::JoinSet<()>>,
     /// Publishes awaiting their ack across every publisher (see `publisher::MAX_ACKS_PENDING`).
     pub(crate) acks_pending: Arc<std::sync::atomic::AtomicUsize>,
+    /// The shared readers of attached runs (see `feed`).
+    pub feeds: feed::Feeds,
+    repair_budget: Arc<RepairBudget>,
+}
+
+/// Repairs running at once, across the process.
+pub const MAX_REPAIRS: usize = 64;
+/// Output bytes the repairs running at once may hold, across the process.
+pub const MAX_REPAIR_BYTES: usize = 64 << 20;
+
+/// What the background repairs hold between them (count and bytes).
+#[derive(Debug, Default)]
+pub struct RepairBudget {
+    held: std::sync::Mutex<(usize, usize)>,
+}
+
+/// A repair's share of the budget, given back when dropped.
+pub struct RepairHeld {
+    budget: Arc<RepairBudget>,
+    bytes: usize,
+}
+
+impl RepairBudget {
+    /// One repair holding `bytes`, if it fits within [`MAX_REPAIRS`] and [`MAX_REPAIR_BYTES`].
+    pub fn reserve(self: &Arc<Self>, bytes: usize) -> Option<RepairHeld> {
+        let mut held = self.held.lock().unwrap();
+        if held.0 >= MAX_REPAIRS || held.1.saturating_add(bytes) > MAX_REPAIR_BYTES {
+            return None;
+        }
+        held.0 += 1;
+        held.1 += bytes;
+        Some(RepairHeld {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+
+    /// (repairs, bytes) held right now.
+    pub fn held(&self) -> (usize, usize) {
+        *self.held.lock().unwrap()
+    }
+}
+
+impl Drop for RepairHeld {
+    fn drop(&mut self) {
+        let mut held = self.budget.held.lock().unwrap();
+        held.0 -= 1;
+        held.1 -= self.bytes;
+    }
 }
 
 impl LiveOutput {
@@ -133,6 +188,8 @@ impl LiveOutput {
             stream: tokio::sync::OnceCell::new(),
             repairs: std::sync::Mutex::new(tokio::task::JoinSet::new()),
             acks_pending: Arc::default(),
+            feeds: feed::Feeds::default(),
+            repair_budget: Arc::default(),
         });
         let setup = live.clone();
         tokio::spawn(async move {
@@ -204,14 +261,61 @@ impl LiveOutput {
         subject.rsplit('.').next()?.parse().ok()
     }
 
-    /// Runs a repair task in the background (see the publisher).
-    pub fn spawn_repair(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+    /// Runs a repair task in the background (see the publisher) that holds `bytes` of output,
+    /// unless the repairs already running hold [`MAX_REPAIRS`] or [`MAX_REPAIR_BYTES`] between
+    /// them: then the task is not run and `false` returned (attachers get the run's end from
+    /// Postgres instead).
+    pub fn spawn_repair(
+        &self,
+        bytes: usize,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> bool {
         let mut repairs = self.repairs.lock().unwrap();
         while repairs.try_join_next().is_some() {}
-        repairs.spawn(task);
+        let Some(held) = self.repair_budget.reserve(bytes) else {
+            return false;
+        };
+        repairs.spawn(async move {
+            let _held = held;
+            task.await
+        });
+        true
+    }
+
+    /// The largest payload one message may carry: the server's maximum payload (1 MiB unless
+    /// configured otherwise) less room for the headers.
+    pub fn max_part(&self) -> usize {
+        let max = match self.client.server_info().max_payload {
+            0 => 1 << 20,
+            n => n,
+        };
+        max.saturating_sub(HEADER_ROOM).max(HEADER_ROOM)
     }
 
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn background_repairs_are_bounded_in_count_and_bytes_and_give_back_what_they_held() {
+        let budget = Arc::new(RepairBudget::default());
+        let held: Vec<_> = (0..MAX_REPAIRS)
+            .map(|_| budget.reserve(1).expect("within the count"))
+            .collect();
+        assert!(budget.reserve(1).is_none(), "one repair too many");
+        drop(held);
+        assert_eq!(budget.held(), (0, 0));
+        let big = budget
+            .reserve(MAX_REPAIR_BYTES - 10)
+            .expect("within the bytes");
+        assert!(budget.reserve(11).is_none(), "one byte too many");
+        let small = budget.reserve(10).expect("exactly at the bound");
+        drop((big, small));
+        assert_eq!(budget.held(), (0, 0));
     }
 }

@@ -158,11 +158,35 @@ impl ChunkPublisher {
         }
     }
 
-    /// Sends one message; waits for the oldest ack when the attempt's window is full, or when the
-    /// whole process has [`MAX_ACKS_PENDING`] acks pending (each attempt may always have one).
+    /// Sends one message — in parts when it is larger than NATS carries (attachers reassemble
+    /// them); waits for the oldest ack when the attempt's window is full, or when the whole
+    /// process has [`MAX_ACKS_PENDING`] acks pending (each attempt may always have one).
     async fn publish(&self, st: &mut State, kind: &str, payload: Bytes) -> Result<(), LiveError> {
+        let max = self.live.max_part();
+        if payload.len() <= max {
+            return self.publish_part(st, kind, payload, None).await;
+        }
+        let parts = payload.len().div_ceil(max);
+        for i in 0..parts {
+            let part = payload.slice(i * max..((i + 1) * max).min(payload.len()));
+            self.publish_part(st, kind, part, Some((i + 1, parts)))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_part(
+        &self,
+        st: &mut State,
+        kind: &str,
+        payload: Bytes,
+        part: Option<(usize, usize)>,
+    ) -> Result<(), LiveError> {
         st.seq += 1;
-        let headers = self.headers(kind, st.seq, st.gen);
+        let mut headers = self.headers(kind, st.seq, st.gen);
+        if let Some((i, n)) = part {
+            headers.insert(header::PART, format!("{i}/{n}").as_str());
+        }
         let ack = self
             .timed(
                 self.live
@@ -333,10 +357,11 @@ impl ChunkSink for ChunkPublisher {
             let body = Bytes::from(serde_json::to_vec(payload).unwrap_or_default());
             if let Err(e) = self.publish_end(kind, body.clone()).await {
                 // Attachers meanwhile fall back to the run's status and output in Postgres; the
-                // output is republished whole, with its end, once NATS answers again.
-                tracing::warn!(run = %self.run_id, error = %e, "cannot publish the end of the live output; retrying in the background");
+                // output is republished whole, with its end, once NATS answers again — unless the
+                // process's repairs already hold their bound, in count or bytes.
+                let held = body.len() + self.chunk_bytes().await;
                 let me = self.clone();
-                self.live.spawn_repair(async move {
+                let repair = async move {
                     let mut backoff = Duration::from_millis(500);
                     let give_up = tokio::time::Instant::now() + END_REPAIR_PATIENCE;
                     while tokio::time::Instant::now() < give_up {
@@ -348,13 +373,23 @@ impl ChunkSink for ChunkPublisher {
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                     tracing::warn!(run = %me.run_id, "gave up republishing the live output; attachers get the end from Postgres");
-                });
+                };
+                if self.live.spawn_repair(held, repair) {
+                    tracing::warn!(run = %self.run_id, error = %e, "cannot publish the end of the live output; retrying in the background");
+                } else {
+                    tracing::warn!(run = %self.run_id, error = %e, bytes = held, "cannot publish the end of the live output, and the repairs in the background are at their bound; attachers get the end from Postgres");
+                }
             }
         })
     }
 }
 
 impl ChunkPublisher {
+    /// Bytes of the chunks this attempt keeps for a republish.
+    async fn chunk_bytes(&self) -> usize {
+        self.state.lock().await.chunks.iter().map(String::len).sum()
+    }
+
     /// Settles the output (repairing it if needed), then publishes the end and awaits its ack.
     async fn publish_end(&self, kind: &str, body: Bytes) -> Result<(), LiveError> {
         let mut st = self.state.lock().await;

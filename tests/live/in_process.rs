@@ -321,6 +321,81 @@ async fn a_run_id_inserted_again_shows_none_of_the_deleted_rows_output() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_and_outputs_larger_than_nats_carries_reach_attachers_whole() {
+    let db = TestDb::new().await;
+    let nats = NatsServer::start().await;
+    let live = live_output(&db, &nats).await;
+    db.exec("insert into spool.runs (id, workflow, status, executor_id, claim_epoch, attempt) values ('big', 'ticker', 'running', 'e', 1, 1)").await;
+    let publisher = ChunkPublisher::new(live.clone(), &attempt(&db, "big", 1).await);
+    let big_chunk = "c".repeat(3 << 20); // three times NATS's default maximum payload
+    let big_output = json!({"text": "o".repeat(5 << 19)});
+    publisher.emit("small-1".into()).await;
+    publisher.emit(big_chunk.clone()).await;
+    publisher.emit("marker".into()).await;
+    publisher.flush().await;
+    let marker = messages_of(&live, "big")
+        .await
+        .into_iter()
+        .find(|m| m.3 == "marker")
+        .unwrap()
+        .0;
+
+    // A attaches right after the marker, so the run's feed starts there; B then attaches from
+    // the start and reads what lies below the feed from the stream.
+    let run = |db: &TestDb| {
+        let db = db.pool.clone();
+        async move {
+            spool::db::runs::get_run(&db.get().await.unwrap(), "big")
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let mut a = Box::pin(attach::events(
+        live.clone(),
+        db.pool.clone(),
+        run(&db).await,
+        marker,
+    ));
+    let mut b = Box::pin(attach::events(
+        live.clone(),
+        db.pool.clone(),
+        run(&db).await,
+        0,
+    ));
+    let mut b_events = Vec::new();
+    for _ in 0..3 {
+        let e = tokio::time::timeout(Duration::from_secs(30), b.next())
+            .await
+            .unwrap()
+            .unwrap();
+        b_events.push((e.kind, e.data));
+    }
+    assert_eq!(
+        b_events,
+        [
+            ("chunk", "small-1".to_string()),
+            ("chunk", big_chunk.clone()),
+            ("chunk", "marker".to_string())
+        ]
+    );
+    db.exec("update spool.runs set status = 'succeeded', finished_at = now() where id = 'big'")
+        .await;
+    publisher.finish(RunEnd::Done(big_output.clone())).await;
+    for events in [&mut a, &mut b] {
+        let end = tokio::time::timeout(Duration::from_secs(30), events.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(end.kind, "done");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&end.data).unwrap(),
+            big_output
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_is_cut_off_and_resumes_with_its_last_event_id() {
     let db = TestDb::new().await;
     let nats = NatsServer::start().await;

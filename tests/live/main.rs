@@ -5,6 +5,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod fanout;
 mod in_process;
 mod wire;
 

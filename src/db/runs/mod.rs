@@ -445,3 +445,19 @@ pub async fn finish_many_if_owned(
         })
         .collect())
 }
+
+/// The runs among `ids` that have ended (one statement, whatever the number of ids): how live
+/// attach learns of ends that never reached NATS.
+pub async fn ended_runs(client: &impl Conn, ids: &[String]) -> Result<Vec<Run>, DbError> {
+    let sql = format!(
+        "select {RUN_COLUMNS} from spool.runs r
+          where r.id = any($1) and r.status in ('succeeded', 'failed', 'cancelled', 'dead')"
+    );
+    let stmt = client.stmt(&sql).await.map_err(DbError::from_pg)?;
+    let rows = client
+        .pg()
+        .query(&stmt, &[&ids])
+        .await
+        .map_err(DbError::from_pg)?;
+    Ok(rows.iter().map(Run::from_row).collect())
+}

@@ -1,0 +1,611 @@
+//! Fan-out of live output: per process, one reader per attached run, shared by every local
+//! attacher of that run.
+//!
+//! A [`Feed`] is one ordered JetStream consumer over the run's attempts' subjects, started at
+//! the position of the attacher that created it. What it reads goes into a bounded window of
+//! recent messages (at most [`WINDOW_MESSAGES`] and about [`WINDOW_BYTES`]); attachers read the
+//! window at their own positions (see `attach`). Every message with a stream sequence above the
+//! window's `base` is in the window, so an attacher at or above `base` is served from memory; one
+//! below it (a late attacher of a long run, a resume from far back) first catches up with direct
+//! gets of the stream, without a consumer of its own.
+//!
+//! The end of a run is learned once per process: the end message on the stream, or, when that
+//! never comes (NATS was down at the end, the output expired), one shared watcher that asks
+//! Postgres every [`TICK`] which of the attached runs have ended — one statement for all of them,
+//! on the API's pool — and puts the end built from Postgres into the feed.
+//!
+//! A feed lives while an attacher holds it: the last one to leave drops it, which stops its
+//! reader and deletes its consumer.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+use async_nats::jetstream::stream::{self, LastRawMessageErrorKind};
+use async_nats::HeaderMap;
+use bytes::{Bytes, BytesMut};
+use deadpool_postgres::Pool;
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{header, LiveOutput};
+use crate::db::runs::{self, Run};
+
+/// Messages a feed keeps for attachers behind its reader.
+pub const WINDOW_MESSAGES: usize = 4096;
+/// Payload bytes a feed keeps (at least one message is always kept).
+pub const WINDOW_BYTES: usize = 4 << 20;
+/// How long a run may be finished in Postgres without its end message arriving before the end
+/// is built from Postgres.
+const END_GRACE: Duration = Duration::from_secs(2);
+/// Interval of the shared end watcher and of a reader's connection check.
+pub(crate) const TICK: Duration = Duration::from_millis(250);
+/// Most messages one pull of a feed's consumer asks for.
+const PULL_BATCH: i64 = 256;
+
+/// One message of a run's output, decoded once and shared by every attacher.
+#[derive(Debug)]
+pub struct Msg {
+    /// JetStream stream sequence; for an end built from Postgres, the last sequence read.
+    pub seq: u64,
+    /// `chunk`, `reset`, `done`, `failed` or `cancelled`.
+    pub kind: &'static str,
+    pub epoch: i64,
+    pub gen: u64,
+    pub data: Bytes,
+}
+
+impl Msg {
+    pub fn is_end(&self) -> bool {
+        matches!(self.kind, "done" | "failed" | "cancelled")
+    }
+
+    /// Decodes a message of a run's subject; `None` for anything Spool did not publish.
+    pub fn decode(seq: u64, headers: Option<&HeaderMap>, payload: &Bytes) -> Option<Msg> {
+        let headers = headers?;
+        let kind = match headers.get(header::KIND)?.as_str() {
+            "chunk" => "chunk",
+            "reset" => "reset",
+            "done" => "done",
+            "failed" => "failed",
+            "cancelled" => "cancelled",
+            _ => return None,
+        };
+        let epoch: i64 = headers.get(header::EPOCH)?.as_str().parse().ok()?;
+        let gen: u64 = headers
+            .get(header::GEN)
+            .and_then(|g| g.as_str().parse().ok())
+            .unwrap_or(0);
+        Some(Msg {
+            seq,
+            kind,
+            epoch,
+            gen,
+            data: payload.clone(),
+        })
+    }
+
+    /// The end event of a finished run, from its row.
+    fn end_from(run: &Run, seq: u64) -> Msg {
+        let (kind, data) = match run.status.as_str() {
+            "succeeded" => ("done", run.output.clone().unwrap_or(Value::Null)),
+            "cancelled" => ("cancelled", run.error.clone().unwrap_or(Value::Null)),
+            _ => ("failed", run.error.clone().unwrap_or(Value::Null)),
+        };
+        Msg {
+            seq,
+            kind,
+            epoch: i64::MAX,
+            gen: u64::MAX,
+            data: Bytes::from(data.to_string()),
+        }
+    }
+}
+
+/// Reassembles messages published in parts (see `header::PART`), per subject: the whole message
+/// takes the stream sequence of its last part. A part whose earlier parts are missing (purged
+/// under it) is dropped with them.
+#[derive(Default)]
+pub struct Assembler {
+    partial: HashMap<String, Partial>,
+}
+
+struct Partial {
+    first: Msg,
+    data: BytesMut,
+    next: usize,
+    parts: usize,
+}
+
+/// What one message of a subject amounts to.
+pub enum Piece {
+    Whole(Msg),
+    /// A part of a message whose remaining parts follow.
+    Part,
+    /// Not Spool's, or a part that cannot be completed.
+    Dropped,
+}
+
+impl Assembler {
+    pub fn add(
+        &mut self,
+        subject: &str,
+        seq: u64,
+        headers: Option<&HeaderMap>,
+        payload: &Bytes,
+    ) -> Piece {
+        let Some(msg) = Msg::decode(seq, headers, payload) else {
+            return Piece::Dropped;
+        };
+        let part = headers
+            .and_then(|h| h.get(header::PART))
+            .and_then(|p| p.as_str().split_once('/'))
+            .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n.parse::<usize>().ok()?)));
+        let Some((i, parts)) = part else {
+            self.partial.remove(subject);
+            return Piece::Whole(msg);
+        };
+        if i == 1 {
+            let data = BytesMut::from(&msg.data[..]);
+            self.partial.insert(
+                subject.to_string(),
+                Partial {
+                    first: msg,
+                    data,
+                    next: 2,
+                    parts,
+                },
+            );
+        } else {
+            match self.partial.get_mut(subject) {
+                Some(p)
+                    if p.next == i
+                        && p.parts == parts
+                        && (p.first.kind, p.first.epoch, p.first.gen)
+                            == (msg.kind, msg.epoch, msg.gen) =>
+                {
+                    p.data.extend_from_slice(&msg.data);
+                    p.next += 1;
+                }
+                _ => {
+                    self.partial.remove(subject);
+                    return Piece::Dropped;
+                }
+            }
+        }
+        if i < parts {
+            return Piece::Part;
+        }
+        let p = self.partial.remove(subject).expect("just completed");
+        Piece::Whole(Msg {
+            seq,
+            data: p.data.freeze(),
+            ..p.first
+        })
+    }
+}
+
+/// What an attacher at some position gets from a feed.
+pub enum Read {
+    /// Messages after the position, in stream order.
+    Messages(Vec<Arc<Msg>>),
+    /// The position is below the window: catch up from the stream up to `base` first.
+    Behind { base: u64 },
+    /// Nothing after the position yet. `end` is set once the run's end is known without an end
+    /// message to read (built from Postgres); `outage` is the count and reason of NATS outages
+    /// while one is going on.
+    Idle {
+        end: Option<Arc<Msg>>,
+        outage: Option<(u64, String)>,
+    },
+}
+
+type FeedKey = (String, i64);
+
+/// Every feed of the process, and the shared end watcher.
+#[derive(Default)]
+pub struct Feeds {
+    feeds: Mutex<HashMap<FeedKey, Weak<Feed>>>,
+    watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Feeds {
+    fn drop(&mut self) {
+        if let Some(w) = self.watcher.lock().unwrap().take() {
+            w.abort();
+        }
+    }
+}
+
+impl Feeds {
+    /// The feed of `run`, created (reading from `after`) if no attacher of this process holds
+    /// one.
+    pub fn feed(&self, live: &Arc<LiveOutput>, pool: &Pool, run: &Run, after: u64) -> Arc<Feed> {
+        let key = (run.id.clone(), run.enqueue_seq);
+        let mut feeds = self.feeds.lock().unwrap();
+        if let Some(feed) = feeds.get(&key).and_then(Weak::upgrade) {
+            return feed;
+        }
+        feeds.retain(|_, f| f.strong_count() > 0);
+        let feed = Feed::start(live, run, after);
+        feeds.insert(key, Arc::downgrade(&feed));
+        drop(feeds);
+        let mut watcher = self.watcher.lock().unwrap();
+        if watcher.is_none() {
+            *watcher = Some(tokio::spawn(watch_ends(Arc::downgrade(live), pool.clone())));
+        }
+        feed
+    }
+
+    /// Feeds alive right now (one JetStream consumer each).
+    pub fn count(&self) -> usize {
+        let feeds = self.feeds.lock().unwrap();
+        feeds.values().filter(|f| f.strong_count() > 0).count()
+    }
+
+    fn waiting_for_end(&self) -> Vec<Arc<Feed>> {
+        let mut feeds = self.feeds.lock().unwrap();
+        feeds.retain(|_, f| f.strong_count() > 0);
+        feeds
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|f| !f.state.lock().unwrap().has_end)
+            .collect()
+    }
+}
+
+/// One run's shared reader and window.
+pub struct Feed {
+    run_id: String,
+    enqueue_seq: i64,
+    subjects: String,
+    state: Mutex<FeedState>,
+    changed: watch::Sender<()>,
+    reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The reader's consumer (named, so that re-creations keep the name), deleted when the feed
+    /// goes instead of lingering on the server for its inactivity threshold.
+    consumer: Mutex<Option<(stream::Stream, String)>>,
+}
+
+struct FeedState {
+    window: VecDeque<Arc<Msg>>,
+    window_bytes: usize,
+    /// Every message of the run above this stream sequence is in the window.
+    base: u64,
+    /// Stream sequence of the last message read (`base` before the first).
+    read_to: u64,
+    last_message_at: Instant,
+    /// When the shared watcher first saw the run finished in Postgres.
+    finished_seen: Option<Instant>,
+    /// An end message was read, or the end was built from Postgres.
+    has_end: bool,
+    /// The end built from Postgres (an end message read is in the window instead).
+    end: Option<Arc<Msg>>,
+    outages: u64,
+    unavailable: Option<String>,
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        if let Some(r) = self.reader.lock().unwrap().take() {
+            r.abort();
+        }
+        let consumer = self.consumer.lock().unwrap().take();
+        if let (Some((stream, name)), Ok(rt)) = (consumer, tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                let delete = stream.delete_consumer(&name);
+                let _ = tokio::time::timeout(Duration::from_secs(2), delete).await;
+            });
+        }
+    }
+}
+
+impl Feed {
+    fn start(live: &Arc<LiveOutput>, run: &Run, after: u64) -> Arc<Feed> {
+        let (changed, _) = watch::channel(());
+        let feed = Arc::new(Feed {
+            run_id: run.id.clone(),
+            enqueue_seq: run.enqueue_seq,
+            subjects: live.run_subjects(&run.id, run.enqueue_seq),
+            state: Mutex::new(FeedState {
+                window: VecDeque::new(),
+                window_bytes: 0,
+                base: after,
+                read_to: after,
+                last_message_at: Instant::now(),
+                finished_seen: None,
+                has_end: false,
+                end: None,
+                outages: 0,
+                unavailable: None,
+            }),
+            changed,
+            reader: Mutex::new(None),
+            consumer: Mutex::new(None),
+        });
+        let reader = tokio::spawn(read(
+            Arc::downgrade(&feed),
+            live.clone(),
+            run.is_terminal().then(|| run.clone()),
+        ));
+        *feed.reader.lock().unwrap() = Some(reader);
+        feed
+    }
+
+    pub fn subjects(&self) -> &str {
+        &self.subjects
+    }
+
+    /// A receiver that is notified of every change of the feed.
+    pub fn subscribe(&self) -> watch::Receiver<()> {
+        self.changed.subscribe()
+    }
+
+    /// What an attacher that was handed everything up to stream sequence `pos` gets next (at
+    /// most `max` messages).
+    pub fn read_after(&self, pos: u64, max: usize) -> Read {
+        let st = self.state.lock().unwrap();
+        if pos < st.base {
+            return Read::Behind { base: st.base };
+        }
+        let from = st.window.partition_point(|m| m.seq <= pos);
+        if from < st.window.len() {
+            return Read::Messages(st.window.range(from..).take(max).cloned().collect());
+        }
+        Read::Idle {
+            end: st.end.clone(),
+            outage: st.unavailable.clone().map(|reason| (st.outages, reason)),
+        }
+    }
+
+    fn notify(&self) {
+        self.changed.send_replace(());
+    }
+
+    fn push(&self, msg: Msg) {
+        {
+            let mut st = self.state.lock().unwrap();
+            if msg.seq <= st.read_to {
+                return;
+            }
+            st.read_to = msg.seq;
+            st.last_message_at = Instant::now();
+            st.has_end |= msg.is_end();
+            st.window_bytes += msg.data.len();
+            st.window.push_back(Arc::new(msg));
+            while st.window.len() > 1
+                && (st.window.len() > WINDOW_MESSAGES || st.window_bytes > WINDOW_BYTES)
+            {
+                let old = st.window.pop_front().expect("non-empty");
+                st.window_bytes -= old.data.len();
+                st.base = old.seq;
+            }
+        }
+        self.notify();
+    }
+
+    fn set_unavailable(&self, reason: String) {
+        {
+            let mut st = self.state.lock().unwrap();
+            if st.unavailable.is_some() {
+                return;
+            }
+            st.outages += 1;
+            st.unavailable = Some(reason);
+        }
+        self.notify();
+    }
+
+    fn set_available(&self) {
+        let was = self.state.lock().unwrap().unavailable.take();
+        if was.is_some() {
+            self.notify();
+        }
+    }
+
+    fn set_end_from(&self, run: &Run) {
+        {
+            let mut st = self.state.lock().unwrap();
+            if st.has_end {
+                return;
+            }
+            st.has_end = true;
+            st.end = Some(Arc::new(Msg::end_from(run, st.read_to)));
+        }
+        self.notify();
+    }
+
+    /// The run has ended in Postgres: builds its end from the row once the end message is
+    /// evidently not coming — NATS is down, or nothing arrived for [`END_GRACE`] and nothing on
+    /// the stream is newer than what the reader read.
+    async fn finished(&self, live: &LiveOutput, run: &Run) {
+        let (quiet_since, read_to) = {
+            let mut st = self.state.lock().unwrap();
+            let seen = *st.finished_seen.get_or_insert_with(Instant::now);
+            (seen.max(st.last_message_at), st.read_to)
+        };
+        if !live.is_connected() {
+            self.set_end_from(run);
+            return;
+        }
+        if quiet_since.elapsed() <= END_GRACE {
+            return;
+        }
+        if last_sequence(live, &self.subjects)
+            .await
+            .is_some_and(|last| last <= read_to)
+        {
+            self.set_end_from(run);
+        }
+    }
+}
+
+/// The stream sequence of the newest message on `subjects` (0 when there is none); `None` when
+/// NATS does not answer.
+pub(crate) async fn last_sequence(live: &LiveOutput, subjects: &str) -> Option<u64> {
+    let stream = live.ensure_stream().await.ok()?;
+    match tokio::time::timeout(
+        live.settings.op_timeout,
+        stream.get_last_raw_message_by_subject(subjects),
+    )
+    .await
+    {
+        Ok(Ok(m)) => Some(m.sequence),
+        Ok(Err(e)) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Some(0),
+        _ => None,
+    }
+}
+
+/// A feed's reader: one ordered consumer from the feed's position on, re-created after a NATS
+/// failure from where it left off.
+async fn read(feed: Weak<Feed>, live: Arc<LiveOutput>, ended: Option<Run>) {
+    // A run that had ended when it was attached, with nothing on its subjects: its chunks
+    // expired (or were never published). Its end comes from Postgres at once.
+    if let Some(run) = ended {
+        let Some(f) = feed.upgrade() else { return };
+        if last_sequence(&live, &f.subjects).await == Some(0) {
+            f.set_end_from(&run);
+        }
+    }
+    let mut parts = Assembler::default();
+    loop {
+        let Some(f) = feed.upgrade() else { return };
+        let subjects = f.subjects.clone();
+        let from = f.state.lock().unwrap().read_to;
+        drop(f);
+        let reason = match Box::pin(consume(&feed, &live, &mut parts, subjects, from)).await {
+            None => return,
+            Some(reason) => reason,
+        };
+        let Some(f) = feed.upgrade() else { return };
+        tracing::debug!(run = %f.run_id, %reason, "attach: live output unavailable");
+        f.set_unavailable(reason);
+        drop(f);
+        // Wait for NATS to come back (the shared watcher ends the feed meanwhile if the run
+        // ends).
+        loop {
+            tokio::time::sleep(TICK * 2).await; // poll interval while NATS is down
+            if feed.strong_count() == 0 {
+                return;
+            }
+            if live.is_connected() && Box::pin(live.ensure_stream()).await.is_ok() {
+                break;
+            }
+        }
+    }
+}
+
+/// Reads messages into the feed until a NATS failure (its reason) or the feed is gone (`None`).
+async fn consume(
+    feed: &Weak<Feed>,
+    live: &LiveOutput,
+    parts: &mut Assembler,
+    subjects: String,
+    after: u64,
+) -> Option<String> {
+    let stream = match live.ensure_stream().await {
+        Ok(s) => s,
+        Err(e) => return Some(e.to_string()),
+    };
+    let name = format!("spool-feed-{}", uuid::Uuid::new_v4().simple());
+    let config = OrderedConfig {
+        name: Some(name.clone()),
+        filter_subject: subjects,
+        deliver_policy: if after == 0 {
+            DeliverPolicy::All
+        } else {
+            DeliverPolicy::ByStartSequence {
+                start_sequence: after.saturating_add(1),
+            }
+        },
+        max_batch: PULL_BATCH,
+        ..Default::default()
+    };
+    let consumer = match tokio::time::timeout(
+        live.settings.op_timeout,
+        stream.create_consumer(config),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Some(e.to_string()),
+        Err(_) => return Some("timed out creating a consumer".into()),
+    };
+    let mut messages = match consumer.messages().await {
+        Ok(m) => m,
+        Err(e) => return Some(e.to_string()),
+    };
+    if let Some(f) = feed.upgrade() {
+        *f.consumer.lock().unwrap() = Some((stream.clone(), name));
+        f.set_available();
+    }
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tokio::select! {
+            message = messages.next() => {
+                let message = match message {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => return Some(e.to_string()),
+                    None => return Some("consumer closed".into()),
+                };
+                let f = feed.upgrade()?;
+                let Ok(info) = message.info() else { continue };
+                let seq = info.stream_sequence;
+                match parts.add(&message.subject, seq, message.headers.as_ref(), &message.payload) {
+                    Piece::Whole(msg) => f.push(msg),
+                    Piece::Part | Piece::Dropped => f.skip(seq),
+                }
+            }
+            _ = tick.tick() => {
+                if feed.strong_count() == 0 {
+                    return None;
+                }
+                if !live.is_connected() {
+                    return Some("NATS disconnected".into());
+                }
+            }
+        }
+    }
+}
+
+impl Feed {
+    /// A message attachers are not shown (not Spool's, or a part of one): only the reader's
+    /// position moves.
+    fn skip(&self, seq: u64) {
+        let mut st = self.state.lock().unwrap();
+        st.read_to = st.read_to.max(seq);
+    }
+}
+
+/// The shared end watcher: every [`TICK`], one statement asks which attached runs without an
+/// end have ended.
+async fn watch_ends(live: Weak<LiveOutput>, pool: Pool) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(live) = live.upgrade() else { return };
+        let waiting = live.feeds.waiting_for_end();
+        if waiting.is_empty() {
+            continue;
+        }
+        let ids: Vec<String> = waiting.iter().map(|f| f.run_id.clone()).collect();
+        let ended = async {
+            let client = pool.get().await.ok()?;
+            runs::ended_runs(&client, &ids).await.ok()
+        }
+        .await;
+        let Some(ended) = ended else { continue };
+        for run in ended {
+            for feed in waiting
+                .iter()
+                .filter(|f| f.run_id == run.id && f.enqueue_seq == run.enqueue_seq)
+            {
+                feed.finished(&live, &run).await;
+            }
+        }
+    }
+}
