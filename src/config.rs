@@ -64,6 +64,14 @@ pub struct ServeArgs {
     /// Bearer token required by every endpoint but health.
     #[arg(long, env = "SPOOL_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+    /// Host names (comma-separated, `*` for any) the API answers to; default: loopback names
+    /// when listening on a loopback address, any host otherwise.
+    #[arg(long, env = "SPOOL_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins (comma-separated, e.g. `https://app.example`) allowed besides the
+    /// server's own.
+    #[arg(long, env = "SPOOL_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
     /// Serve a non-loopback address without a token (you take responsibility).
     #[arg(long, env = "SPOOL_ALLOW_UNAUTHENTICATED", default_value_t = false)]
     pub allow_unauthenticated: bool,
@@ -133,6 +141,8 @@ pub enum ConfigError {
     Database(#[from] crate::db::tls::TlsError),
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    #[error("SPOOL_API_TOKEN is refused: {0}; use a random one, e.g. `openssl rand -hex 32`")]
+    WeakToken(&'static str),
     #[error("{0} must be between {1}")]
     Range(&'static str, &'static str),
 }
@@ -148,6 +158,8 @@ pub struct Config {
     pub slow_client_timeout: Duration,
     pub keep_alive: Duration,
     pub listen: SocketAddr,
+    pub allowed_hosts: Vec<String>,
+    pub allowed_origins: Vec<String>,
     pub api_token: Option<String>,
     pub max_body_bytes: usize,
     /// Pooled Postgres connections of the executor (`SPOOL_DB_POOL_SIZE`).
@@ -159,6 +171,41 @@ pub struct Config {
     pub executor: ExecutorSettings,
     /// True when the executor id was generated (not stable across restarts).
     pub generated_executor_id: bool,
+}
+
+/// Tokens that appear in examples and defaults: a server set up with one is not protected.
+const WELL_KNOWN_TOKENS: [&str; 8] = [
+    "change-me",
+    "changeme",
+    "secret",
+    "token",
+    "password",
+    "spool",
+    "test",
+    "admin",
+];
+
+/// Minimum length of an API token.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Refuses a token that is blank, padded with whitespace, well known, or short.
+pub fn check_token(token: &str) -> Result<(), ConfigError> {
+    if token.trim().is_empty() {
+        return Err(ConfigError::WeakToken("it is only whitespace"));
+    }
+    if token.trim() != token || token.chars().any(char::is_whitespace) {
+        return Err(ConfigError::WeakToken("it contains whitespace"));
+    }
+    if WELL_KNOWN_TOKENS
+        .iter()
+        .any(|w| token.eq_ignore_ascii_case(w))
+    {
+        return Err(ConfigError::WeakToken("it is a well-known example value"));
+    }
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(ConfigError::WeakToken("it is shorter than 16 characters"));
+    }
+    Ok(())
 }
 
 impl Config {
@@ -178,6 +225,9 @@ impl Config {
         crate::validate::name("executor id", &executor_id)
             .map_err(|_| ConfigError::BadExecutorId(executor_id.clone()))?;
         let api_token = args.api_token.filter(|t| !t.is_empty());
+        if let Some(token) = &api_token {
+            check_token(token)?;
+        }
         let serve_api = !args.worker_only;
         if serve_api
             && api_token.is_none()
@@ -234,6 +284,8 @@ impl Config {
             slow_client_timeout: Duration::from_millis(args.slow_client_timeout_ms.max(1)),
             keep_alive: Duration::from_millis(args.keepalive_ms.max(100)),
             listen: args.listen,
+            allowed_hosts: args.allowed_hosts,
+            allowed_origins: args.allowed_origins,
             api_token,
             max_body_bytes: args.max_body_bytes,
             db_pool_size: args.db_pool_size,
@@ -243,5 +295,24 @@ impl Config {
             executor,
             generated_executor_id,
         })
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    #[test]
+    fn a_blank_padded_well_known_or_short_token_is_refused() {
+        for bad in [
+            "   ",
+            " 0123456789abcdef0123",
+            "change-me",
+            "CHANGEME",
+            "short-token",
+        ] {
+            assert!(check_token(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_token("0123456789abcdef0123456789abcdef").is_ok());
     }
 }

@@ -107,6 +107,12 @@ pub async fn serve(
             metrics: metrics.clone(),
             max_body_bytes: config.max_body_bytes,
             live: live.clone(),
+            readiness: Default::default(),
+            edge: Arc::new(api::EdgePolicy::new(
+                addr,
+                &config.allowed_hosts,
+                &config.allowed_origins,
+            )),
             attach: Arc::new(AttachLimits::new(
                 config.max_attachers,
                 config.max_attachers_per_run,

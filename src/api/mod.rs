@@ -3,6 +3,7 @@
 //! The router is built by [`router`] from an [`AppState`]; tests drive it through a real
 //! listener. Handlers never write SQL: they call `crate::db`.
 
+pub mod edge;
 mod error;
 mod runs;
 pub mod slow_clients;
@@ -10,16 +11,16 @@ mod stream;
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use deadpool_postgres::Pool;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
+pub use edge::EdgePolicy;
 pub use error::ApiError;
 pub use stream::AttachLimits;
 
@@ -39,6 +40,9 @@ pub struct AppState {
     /// Live output (NATS); `None` when not configured: attach answers 503.
     pub live: Option<Arc<LiveOutput>>,
     pub attach: Arc<AttachLimits>,
+    /// Hosts and origins this server answers to (see `edge`).
+    pub edge: Arc<EdgePolicy>,
+    pub readiness: Arc<Readiness>,
 }
 
 /// Builds the router.
@@ -50,7 +54,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/runs/{id}/cancel", post(runs::cancel))
         .route("/v1/runs/{id}/stream", get(stream::attach))
         .route("/metrics", get(metrics))
-        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            edge::require_token,
+        ))
+        .layer(middleware::from_fn_with_state(state.clone(), edge::checks));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -60,31 +68,48 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if let Some(expected) = &state.api_token {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
-            return ApiError::unauthorized().into_response();
-        }
-    }
-    next.run(request).await
-}
-
 async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
+/// How long one readiness result answers `/readyz`: a flood of probes costs the database one
+/// query per second, not one per request.
+const READINESS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The last readiness result, shared by every `/readyz`; one check at a time (the others wait
+/// for it and take its result).
+#[derive(Debug, Default)]
+pub struct Readiness {
+    last: tokio::sync::Mutex<Option<(tokio::time::Instant, Result<bool, String>)>>,
+}
+
+impl Readiness {
+    async fn check(&self, state: &AppState) -> Result<bool, String> {
+        let mut last = self.last.lock().await;
+        if let Some((at, result)) = &*last {
+            if at.elapsed() < READINESS_TTL {
+                return result.clone();
+            }
+        }
+        state
+            .metrics
+            .readiness_checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let check = async {
+            let client = state.pool.get().await?;
+            crate::migrate::is_current(&client).await
+        };
+        let result = match tokio::time::timeout(READINESS_TTL * 2, check).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("the database did not answer in time".to_string()),
+        };
+        *last = Some((tokio::time::Instant::now(), result.clone()));
+        result
+    }
+}
+
 async fn readyz(State(state): State<AppState>) -> Response {
-    let check = async {
-        let client = state.pool.get().await?;
-        crate::migrate::is_current(&client).await
-    };
-    match check.await {
+    match state.readiness.check(&state).await {
         Ok(true) => Json(json!({"status": "ready"})).into_response(),
         Ok(false) => {
             ApiError::unavailable("database schema is not migrated to this version").into_response()

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub in_flight: AtomicU64,
     /// HTTP connections cut because the client stopped reading (slow attachers).
     pub connections_cut: AtomicU64,
+    /// Readiness checks that reached the database (`/readyz` shares one per second).
+    pub readiness_checks: AtomicU64,
 }
 
 impl Metrics {
@@ -86,6 +88,11 @@ impl Metrics {
                 "spool_runs_adopted_total",
                 "Runs of executors dead past their takeover delay handed back to the queue by this process",
                 &self.adopted,
+            ),
+            (
+                "spool_readiness_checks_total",
+                "Readiness checks that reached the database",
+                &self.readiness_checks,
             ),
             (
                 "spool_lease_lapses_total",

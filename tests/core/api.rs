@@ -19,6 +19,8 @@ pub(crate) async fn serve(db: &TestDb, token: Option<&str>) -> String {
         metrics: Arc::new(Metrics::default()),
         max_body_bytes: 4096,
         live: None,
+        readiness: Default::default(),
+        edge: Arc::new(api::EdgePolicy::loopback()),
         attach: Arc::new(AttachLimits::new(10, 10, Duration::from_secs(15))),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -6,6 +6,7 @@ mod common;
 mod api;
 mod batch_isolation;
 mod claim;
+mod edge;
 mod fencing;
 mod hostile_rows;
 mod lease;

@@ -419,6 +419,8 @@ async fn a_slow_client_is_cut_off_and_resumes_with_its_last_event_id() {
         max_body_bytes: 1 << 20,
         live: Some(live.clone()),
         attach: limits.clone(),
+        readiness: Default::default(),
+        edge: Arc::new(api::EdgePolicy::loopback()),
     };
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = tcp.local_addr().unwrap();
@@ -429,7 +431,7 @@ async fn a_slow_client_is_cut_off_and_resumes_with_its_last_event_id() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut conn = socket.connect(addr).await.unwrap();
-    conn.write_all(b"GET /v1/runs/s/stream HTTP/1.0\r\nHost: x\r\n\r\n")
+    conn.write_all(b"GET /v1/runs/s/stream HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
         .await
         .unwrap();
     let mut received = vec![0u8; 64 * 1024];

@@ -63,6 +63,8 @@ async fn echo_server(db: &TestDb, nats: &NatsServer) -> (String, RunningExecutor
         metrics,
         max_body_bytes: 1 << 20,
         live: Some(live),
+        readiness: Default::default(),
+        edge: Arc::new(api::EdgePolicy::loopback()),
         attach: Arc::new(AttachLimits::new(100, 100, Duration::from_secs(15))),
     };
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,0 +1,176 @@
+//! The HTTP edge under abuse: oversized bodies refused from the header, cross-site requests
+//! refused, the token's scheme in any case, readiness probes that do not cost a query each.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use spool::api::{self, AppState, AttachLimits, EdgePolicy};
+use spool::executor::Metrics;
+use spool::Registry;
+
+use crate::common::TestDb;
+
+/// Serves the API on 127.0.0.1 (port 0) with the loopback defaults; returns its address.
+async fn serve(db: &TestDb, token: Option<&str>) -> (std::net::SocketAddr, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::default());
+    let state = AppState {
+        pool: db.pool.clone(),
+        registry: Registry::with_builtins(),
+        api_token: token.map(Arc::from),
+        metrics: metrics.clone(),
+        max_body_bytes: 4096,
+        live: None,
+        readiness: Default::default(),
+        edge: Arc::new(EdgePolicy::loopback()),
+        attach: Arc::new(AttachLimits::new(10, 10, Duration::from_secs(15))),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
+    (addr, metrics)
+}
+
+async fn runs(db: &TestDb) -> i64 {
+    db.scalar_i64("select count(*) from spool.runs").await
+}
+
+#[tokio::test]
+async fn a_content_length_above_the_limit_is_refused_before_the_body_is_sent() {
+    let db = TestDb::new().await;
+    let (addr, _) = serve(&db, None).await;
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(
+        format!(
+            "POST /v1/runs HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 5000000000\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // no body follows: the answer must come from the header alone
+    let mut head = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut head))
+        .await
+        .expect("an answer without the body")
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 413");
+    assert_eq!(runs(&db).await, 0);
+}
+
+#[tokio::test]
+async fn cross_site_requests_are_refused_and_enqueue_nothing() {
+    let db = TestDb::new().await;
+    let (addr, _) = serve(&db, None).await;
+    let base = format!("http://{addr}");
+    let body = json!({"workflow": "noop", "input": {}}).to_string();
+    let client = reqwest::Client::new();
+
+    // a page may send text/plain across sites without asking: refused
+    let res = client
+        .post(format!("{base}/v1/runs"))
+        .header("content-type", "text/plain")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    // a foreign page's origin: refused
+    let res = client
+        .post(format!("{base}/v1/runs"))
+        .header("content-type", "application/json")
+        .header("origin", "http://evil.example")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+
+    // DNS rebinding: the page's own host name pointing at 127.0.0.1 — reading runs is refused
+    let res = client
+        .get(format!("{base}/v1/runs"))
+        .header("host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::MISDIRECTED_REQUEST);
+    assert_eq!(runs(&db).await, 0, "nothing was enqueued");
+
+    // the server's own origin, and clients that send none, are served
+    let res = client
+        .post(format!("{base}/v1/runs"))
+        .header("content-type", "application/json")
+        .header("origin", base.clone())
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED, "{:?}", res.text().await);
+    let res = client
+        .post(format!("{base}/v1/runs"))
+        .json(&json!({"workflow": "noop", "input": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(runs(&db).await, 2);
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_accepted_in_any_case() {
+    let db = TestDb::new().await;
+    let token = "0123456789abcdef0123456789abcdef";
+    let (addr, _) = serve(&db, Some(token)).await;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let res = reqwest::Client::new()
+            .get(format!("http://{addr}/v1/runs"))
+            .header("authorization", format!("{scheme} {token}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{scheme}");
+    }
+    for wrong in [
+        format!("Basic {token}"),
+        format!("Bearer {token}x"),
+        "Bearer".to_string(),
+    ] {
+        let res = reqwest::Client::new()
+            .get(format!("http://{addr}/v1/runs"))
+            .header("authorization", wrong.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "{wrong}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_readiness_probes_shares_one_database_check() {
+    let db = TestDb::new().await;
+    let (addr, metrics) = serve(&db, None).await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/readyz");
+    let mut answered = 0;
+    for _ in 0..10 {
+        let batch = (0..100).map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            async move { client.get(url).send().await.unwrap().status() }
+        });
+        for status in futures::future::join_all(batch).await {
+            assert_eq!(status, StatusCode::OK);
+            answered += 1;
+        }
+    }
+    let checks = metrics.readiness_checks.load(Ordering::Relaxed);
+    // one check a second is shared by every probe: 1,000 probes take far less than 10 s here
+    assert!(
+        checks <= 10,
+        "{answered} probes made {checks} database checks"
+    );
+}
