@@ -327,12 +327,14 @@ rm -f "$root/attach.pid"
 show_attach
 
 header "7. Summary"
-sql -c "select r.id, r.status, r.executor_id, r.attempt, count(o.step) as memoized_steps, r.output
+sql -c "select r.id, r.status, r.executor_id, r.attempt, r.claim_epoch, count(o.step) as memoized_steps, r.output
           from spool.runs r left join spool.operation_outputs o on o.run_id = r.id
          group by r.id order by r.created_at, r.id"
 first_killed=${killed_runs%% *}
 say "Steps of $first_killed: the steps memoized before the kill were not run again (their claim"
-say "epoch is the first attempt's); the step in flight at the kill ran again in attempt 2."
+say "epoch is the first claim's); the step in flight at the kill ran again under claim epoch 2."
+say "(attempt stays 1: a run that recorded steps before a crash did not cause it, so the crash is"
+say "not charged to its max_attempts.)"
 show_cmd "psql -c \"select step, name, claim_epoch, output, finished_at from spool.operation_outputs where run_id = '$first_killed' order by step\""
 sql -c "select step, name, claim_epoch, output, to_char(finished_at, 'HH24:MI:SS.MS') as finished_at
           from spool.operation_outputs where run_id = '$first_killed' order by step"
@@ -344,8 +346,8 @@ echo
 bad=$(sql_value "select string_agg(id || ' ' || status, ', ') from spool.runs where status <> 'succeeded'")
 [ -z "$bad" ] || die "runs that did not succeed: $bad"
 for id in $killed_runs; do
-  attempt=$(sql_value "select attempt from spool.runs where id = '$id'")
-  [ "$attempt" = 2 ] || die "run $id was killed once but shows attempt $attempt"
+  epoch=$(sql_value "select claim_epoch from spool.runs where id = '$id'")
+  [ "$epoch" = 2 ] || die "run $id was killed once and replayed but shows claim epoch $epoch"
 done
 in_order=$(sql_value "select b.started_at >= a.finished_at from spool.runs a, spool.runs b
                        where a.id = 'chat-42-a' and b.id = 'chat-42-b'")
