@@ -127,6 +127,15 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "# HELP spool_attachers Clients attached to live output\n# TYPE spool_attachers gauge\nspool_attachers {}\n",
         state.attach.current()
     ));
+    if let Some(live) = &state.live {
+        text.push_str(&format!(
+            "# HELP spool_attach_feeds Attached runs read by this process (one JetStream consumer each)
+# TYPE spool_attach_feeds gauge
+spool_attach_feeds {}
+",
+            live.feeds.count()
+        ));
+    }
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

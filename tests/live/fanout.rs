@@ -131,6 +131,16 @@ async fn attachers_at_different_positions_share_one_consumer_and_each_renders_th
         1,
         "three attachers of one run on one process read it with one consumer"
     );
+    let metrics = reqwest::get(api.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("\nspool_attach_feeds 1\n") && metrics.contains("\nspool_attachers 3\n"),
+        "{metrics}"
+    );
 
     // The executor dies mid-run and comes back: the run is replayed (a reset, the whole output).
     wait_steps(&db, "f", 2).await;
