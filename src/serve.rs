@@ -135,7 +135,7 @@ pub async fn serve(
             // Graceful: stop accepting, end every attach stream (with `reconnect`: its client
             // resumes elsewhere), let other requests finish. Bounded by the grace period, so a
             // connection that never finishes cannot keep the process alive.
-            let server = axum::serve(listener, app)
+            let server = axum::serve(listener, app.into_make_service())
                 .with_graceful_shutdown(async move {
                     http_stop.cancelled().await;
                     attachers.end_all();

@@ -167,10 +167,11 @@ pub type WorkflowFn = Arc<
     dyn Fn(RunContext, Value) -> BoxFuture<'static, Result<Value, WorkflowError>> + Send + Sync,
 >;
 
-/// Workflows by name. Cheap to clone.
+/// Workflows by name. Cheap to clone (the map is shared; registering copies it if shared): the
+/// HTTP API clones it with its state for every request.
 #[derive(Clone, Default)]
 pub struct Registry {
-    workflows: BTreeMap<String, WorkflowFn>,
+    workflows: std::sync::Arc<BTreeMap<String, WorkflowFn>>,
 }
 
 impl Registry {
@@ -205,7 +206,7 @@ impl Registry {
                 serde_json::to_value(output).map_err(|e| WorkflowError::Encode(e.to_string()))
             })
         });
-        self.workflows.insert(name.to_string(), wrapped);
+        std::sync::Arc::make_mut(&mut self.workflows).insert(name.to_string(), wrapped);
         self
     }
 
