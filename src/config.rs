@@ -49,6 +49,14 @@ pub struct ServeArgs {
     /// Last-Event-ID), in milliseconds.
     #[arg(long, env = "SPOOL_SLOW_CLIENT_TIMEOUT_MS", default_value_t = 10_000)]
     pub slow_client_timeout_ms: u64,
+    /// A connection must send a whole request head within this many milliseconds of opening
+    /// (or of its previous response ending), or it is closed.
+    #[arg(long, env = "SPOOL_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+    /// Open HTTP connections at most (kept below the open-file limit); at the cap the oldest
+    /// connection serving no request is closed for a new one.
+    #[arg(long, env = "SPOOL_MAX_CONNECTIONS", default_value_t = 16_384)]
+    pub max_connections: usize,
     /// Keep-alive comment interval on idle attach streams, in milliseconds.
     #[arg(long, env = "SPOOL_KEEPALIVE_MS", default_value_t = 15_000)]
     pub keepalive_ms: u64,
@@ -156,6 +164,8 @@ pub struct Config {
     pub max_attachers: usize,
     pub max_attachers_per_run: usize,
     pub slow_client_timeout: Duration,
+    pub header_timeout: Duration,
+    pub max_connections: usize,
     pub keep_alive: Duration,
     pub listen: SocketAddr,
     pub allowed_hosts: Vec<String>,
@@ -245,6 +255,9 @@ impl Config {
         if args.db_pool_size == 0 {
             return Err(ConfigError::Zero("SPOOL_DB_POOL_SIZE"));
         }
+        if args.max_connections == 0 {
+            return Err(ConfigError::Zero("SPOOL_MAX_CONNECTIONS"));
+        }
         if args.api_db_pool_size == 0 {
             return Err(ConfigError::Zero("SPOOL_API_DB_POOL_SIZE"));
         }
@@ -282,6 +295,8 @@ impl Config {
             max_attachers: args.max_attachers,
             max_attachers_per_run: args.max_attachers_per_run,
             slow_client_timeout: Duration::from_millis(args.slow_client_timeout_ms.max(1)),
+            header_timeout: Duration::from_millis(args.header_timeout_ms.max(1)),
+            max_connections: args.max_connections,
             keep_alive: Duration::from_millis(args.keepalive_ms.max(100)),
             listen: args.listen,
             allowed_hosts: args.allowed_hosts,

@@ -4,12 +4,10 @@
 //! for other requests at most the grace period (`SPOOL_GRACE_PERIOD_MS`), as the executor does
 //! for its runs.
 
-use std::future::IntoFuture;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::api::slow_clients::DeadlineListener;
 use crate::api::{self, AppState, AttachLimits};
 use crate::config::Config;
 use crate::executor::{self, ChunkSinkFactory, ExecutorError, Metrics};
@@ -121,7 +119,23 @@ pub async fn serve(
         };
         let attachers = state.attach.clone();
         let app = api::router(state);
-        let listener = DeadlineListener::new(listener, config.slow_client_timeout, metrics.clone());
+        // every connection holds a file: keep the cap below the process's limit
+        let files = api::server::raise_open_files_limit().unwrap_or(1024);
+        let max_connections = config
+            .max_connections
+            .min((files as usize).saturating_sub(256).max(16));
+        if max_connections < config.max_connections {
+            tracing::warn!(
+                max_connections,
+                open_files = files,
+                "SPOOL_MAX_CONNECTIONS lowered to fit the open-file limit"
+            );
+        }
+        let limits = api::server::ConnLimits {
+            max_connections,
+            header_timeout: config.header_timeout,
+            write_timeout: config.slow_client_timeout,
+        };
         let http_stop = stop.clone();
         let grace_over = {
             let stop = stop.clone();
@@ -131,21 +145,19 @@ pub async fn serve(
                 tokio::time::sleep(grace).await;
             }
         };
+        let metrics = metrics.clone();
         Some(tokio::spawn(async move {
             // Graceful: stop accepting, end every attach stream (with `reconnect`: its client
             // resumes elsewhere), let other requests finish. Bounded by the grace period, so a
             // connection that never finishes cannot keep the process alive.
-            let server = axum::serve(listener, app.into_make_service())
-                .with_graceful_shutdown(async move {
-                    http_stop.cancelled().await;
-                    attachers.end_all();
-                })
-                .into_future();
+            let server = api::server::serve(listener, app, limits, metrics, async move {
+                http_stop.cancelled().await;
+                attachers.end_all();
+            });
             tokio::select! {
-                r = server => r,
+                _ = server => {}
                 _ = grace_over => {
                     tracing::warn!("HTTP connections still open after the grace period; not waiting for them");
-                    Ok(())
                 }
             }
         }))
@@ -175,10 +187,8 @@ pub async fn serve(
     };
     signals.abort();
     if let Some(http) = http {
-        match http.await {
-            Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server ended with an error"),
-            Err(e) => tracing::warn!(error = %e, "HTTP server task failed"),
-            Ok(Ok(())) => {}
+        if let Err(e) = http.await {
+            tracing::warn!(error = %e, "HTTP server task failed");
         }
     }
     pool.close();

@@ -6,6 +6,7 @@
 pub mod edge;
 mod error;
 mod runs;
+pub mod server;
 pub mod slow_clients;
 mod stream;
 

@@ -1,11 +1,11 @@
-//! A listener whose connections have a write deadline: when a client stops reading and a write
-//! stays blocked longer than the deadline, the connection fails and is closed. This is how a slow
+//! Connections with a write deadline (`WriteDeadline`, used by `server`): when a client stops
+//! reading and a write stays blocked longer than the deadline, the connection fails and is
+//! closed. This is how a slow
 //! SSE client is cut off: the server never buffers more for it than the socket and one response
 //! buffer hold, and the client resumes with its `Last-Event-ID`.
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,59 +13,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use crate::executor::Metrics;
-
-/// Accepts TCP connections and wraps each in a [`WriteDeadline`].
-pub struct DeadlineListener {
-    inner: TcpListener,
-    deadline: Duration,
-    metrics: Arc<Metrics>,
-}
-
-impl DeadlineListener {
-    pub fn new(inner: TcpListener, deadline: Duration, metrics: Arc<Metrics>) -> Self {
-        Self {
-            inner,
-            deadline,
-            metrics,
-        }
-    }
-}
-
-impl axum::serve::Listener for DeadlineListener {
-    type Io = WriteDeadline;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.inner.accept().await {
-                Ok((stream, addr)) => {
-                    let _ = stream.set_nodelay(true);
-                    return (
-                        WriteDeadline {
-                            inner: stream,
-                            deadline: self.deadline,
-                            blocked: None,
-                            metrics: self.metrics.clone(),
-                        },
-                        addr,
-                    );
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
 
 /// A TCP stream whose writes fail once blocked longer than `deadline`.
 pub struct WriteDeadline {
@@ -77,6 +28,15 @@ pub struct WriteDeadline {
 }
 
 impl WriteDeadline {
+    pub fn new(inner: TcpStream, deadline: Duration, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner,
+            deadline,
+            blocked: None,
+            metrics,
+        }
+    }
+
     fn check<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         match poll {
             Poll::Pending => {

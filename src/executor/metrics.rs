@@ -24,6 +24,10 @@ pub struct Metrics {
     pub connections_cut: AtomicU64,
     /// Readiness checks that reached the database (`/readyz` shares one per second).
     pub readiness_checks: AtomicU64,
+    /// Connections closed to make room at the connection cap (they were serving no request).
+    pub connections_evicted: AtomicU64,
+    /// Connections refused at the cap (every connection was serving a request).
+    pub connections_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -93,6 +97,16 @@ impl Metrics {
                 "spool_readiness_checks_total",
                 "Readiness checks that reached the database",
                 &self.readiness_checks,
+            ),
+            (
+                "spool_http_connections_evicted_total",
+                "Connections closed at the connection cap because they were serving no request",
+                &self.connections_evicted,
+            ),
+            (
+                "spool_http_connections_refused_total",
+                "Connections refused at the connection cap",
+                &self.connections_refused,
             ),
             (
                 "spool_lease_lapses_total",

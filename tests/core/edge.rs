@@ -13,6 +13,7 @@ use spool::api::{self, AppState, AttachLimits, EdgePolicy};
 use spool::executor::Metrics;
 use spool::Registry;
 
+use crate::common::process::{Binary, SpoolProcess};
 use crate::common::TestDb;
 
 /// Serves the API on 127.0.0.1 (port 0) with the loopback defaults; returns its address.
@@ -173,4 +174,147 @@ async fn a_flood_of_readiness_probes_shares_one_database_check() {
         checks <= 10,
         "{answered} probes made {checks} database checks"
     );
+}
+
+/// An API-only `spool serve` (no executor) with `env`, started with a soft open-file limit of
+/// `files` when set.
+async fn api_process(db: &TestDb, env: &[(&str, &str)], files: Option<u64>) -> SpoolProcess {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let before = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if let Some(n) = files {
+        // the child inherits the soft limit (restored for this process right after)
+        setrlimit(Resource::RLIMIT_NOFILE, n, before.1).unwrap();
+    }
+    let p = SpoolProcess::spawn_with_args(Binary::Spool, db, "api", env, &["--api-only"]);
+    setrlimit(Resource::RLIMIT_NOFILE, before.0, before.1).unwrap();
+    p.wait_http().await;
+    p
+}
+
+/// Reads until the server closes the connection; false if it is still open at the deadline.
+async fn closed_by_server(conn: &mut tokio::net::TcpStream, deadline: Duration) -> bool {
+    let mut sink = [0u8; 1024];
+    tokio::time::timeout(deadline, async {
+        loop {
+            match conn.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_send_no_whole_head_in_time_are_closed_but_attach_streams_are_not() {
+    let db = TestDb::new().await;
+    let nats = crate::common::nats::NatsServer::start().await;
+    let env = [
+        ("SPOOL_HEADER_TIMEOUT_MS", "300"),
+        ("SPOOL_KEEPALIVE_MS", "700"),
+        ("NATS_URL", &nats.url()),
+        ("SPOOL_NATS_STREAM", &format!("S_{}", db.name)),
+        ("SPOOL_NATS_SUBJECT_PREFIX", &format!("out_{}", db.name)),
+    ];
+    let api = api_process(&db, &env, None).await;
+    let addr = api.url("").trim_start_matches("http://").to_string();
+    db.exec("insert into spool.runs (id, workflow, status, executor_id, claim_epoch, attempt) values ('long', 'ticker', 'running', 'gone', 1, 1)").await;
+
+    let mut partial = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    partial
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut attach = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    attach
+        .write_all(b"GET /v1/runs/long/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+
+    assert!(
+        closed_by_server(&mut partial, Duration::from_secs(20)).await,
+        "a connection stuck in its head is closed"
+    );
+    assert!(
+        closed_by_server(&mut silent, Duration::from_secs(20)).await,
+        "a connection that never sends a request is closed"
+    );
+    // the attach stream outlives many header timeouts: three keep-alive comments arrive
+    let mut seen = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buf = [0u8; 4096];
+        while seen
+            .windows(3)
+            .filter(|w| w == b"\n:\n" || w == b"\n: ")
+            .count()
+            < 3
+        {
+            let n = attach.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "the attach stream was closed: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("keep-alive comments on the open attach stream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_connection_cap_health_and_the_api_keep_answering() {
+    let db = TestDb::new().await;
+    // started with 256 open files (fewer than the connections below) and a cap of 64
+    let env = [
+        ("SPOOL_HEADER_TIMEOUT_MS", "600000"),
+        ("SPOOL_MAX_CONNECTIONS", "64"),
+    ];
+    let api = api_process(&db, &env, Some(256)).await;
+    let addr = api.url("").trim_start_matches("http://").to_string();
+    let mut held = Vec::new();
+    for i in 0..400 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        if i % 4 != 0 {
+            c.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+                .await
+                .unwrap();
+        }
+        held.push(c);
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let health = client
+        .get(api.url("/healthz"))
+        .send()
+        .await
+        .expect("health answers");
+    assert_eq!(health.status(), StatusCode::OK);
+    let enqueued = client
+        .post(api.url("/v1/runs"))
+        .json(&json!({"workflow": "noop", "input": {}}))
+        .send()
+        .await
+        .expect("enqueue answers");
+    assert_eq!(enqueued.status(), StatusCode::CREATED);
+    assert_eq!(runs(&db).await, 1);
+    let metrics = client
+        .get(api.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let evicted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("spool_http_connections_evicted_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(evicted > 0, "{metrics}");
+    drop(held);
 }

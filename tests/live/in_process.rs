@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::json;
-use spool::api::{self, slow_clients::DeadlineListener, AppState, AttachLimits};
+use spool::api::{self, AppState, AttachLimits};
 use spool::executor::Metrics;
 use spool::live::attach::{self, AttachEvent};
 use spool::live::publisher::ChunkPublisher;
@@ -424,8 +424,18 @@ async fn a_slow_client_is_cut_off_and_resumes_with_its_last_event_id() {
     };
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = tcp.local_addr().unwrap();
-    let listener = DeadlineListener::new(tcp, Duration::from_millis(300), metrics.clone());
-    tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
+    let conn_limits = api::server::ConnLimits {
+        max_connections: 1024,
+        header_timeout: Duration::from_secs(10),
+        write_timeout: Duration::from_millis(300),
+    };
+    tokio::spawn(api::server::serve(
+        tcp,
+        api::router(state),
+        conn_limits,
+        metrics.clone(),
+        std::future::pending(),
+    ));
 
     // A client with a tiny receive buffer reads a little, then stops reading.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
