@@ -38,6 +38,74 @@ pub mod header {
     pub const PART: &str = "Spool-Part";
 }
 
+/// Credentials taken out of a NATS URL.
+#[derive(Debug, PartialEq)]
+enum Credentials {
+    UserPassword(String, String),
+    /// `nats://TOKEN@host`
+    Token(String),
+}
+
+/// Splits the credentials (`user:password@` or `token@`) out of a NATS URL, a comma-separated
+/// list of servers; the first found are used.
+fn split_credentials(urls: &str) -> (String, Option<Credentials>) {
+    let mut credentials = None;
+    let servers: Vec<String> = urls
+        .split(',')
+        .map(|server| {
+            let server = server.trim();
+            let Some((scheme, rest)) = server.split_once("://") else {
+                return server.to_string();
+            };
+            let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+            let Some(at) = rest[..authority_end].rfind('@') else {
+                return server.to_string();
+            };
+            let userinfo = &rest[..at];
+            let decode = |s: &str| {
+                // (percent-decoding; a `+` is a plus here, not a space as in forms)
+                url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default()
+            };
+            if credentials.is_none() && !userinfo.is_empty() {
+                credentials = Some(match userinfo.split_once(':') {
+                    Some((user, password)) => {
+                        Credentials::UserPassword(decode(user), decode(password))
+                    }
+                    None => Credentials::Token(decode(userinfo)),
+                });
+            }
+            format!("{scheme}://{}", &rest[at + 1..])
+        })
+        .collect();
+    (servers.join(","), credentials)
+}
+
+/// `text` with the user information of every URL in it replaced by `***`.
+pub fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c.is_whitespace() || matches!(c, '/' | '?' | '"' | '\'' | ',' | ')'))
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                out.push_str(&tail[at..end]);
+            }
+            None => out.push_str(&tail[..end]),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Room kept for headers when a payload is split to fit the server's maximum payload.
 const HEADER_ROOM: usize = 2048;
 
@@ -152,7 +220,17 @@ impl LiveOutput {
         settings: LiveSettings,
         stop: CancellationToken,
     ) -> Result<Arc<Self>, LiveError> {
-        let client = async_nats::ConnectOptions::new()
+        // Credentials in the URL go to the client as options, never in the URL it logs (async-nats
+        // logs the server address at every reconnect) nor in an error.
+        let (servers, credentials) = split_credentials(&settings.nats_url);
+        let options = match credentials {
+            Some(Credentials::UserPassword(user, password)) => {
+                async_nats::ConnectOptions::with_user_and_password(user, password)
+            }
+            Some(Credentials::Token(token)) => async_nats::ConnectOptions::with_token(token),
+            None => async_nats::ConnectOptions::new(),
+        };
+        let client = options
             .name("spool")
             .retry_on_initial_connect()
             .max_reconnects(None)
@@ -166,11 +244,11 @@ impl LiveOutput {
                     other => tracing::debug!(event = %other, "NATS event"),
                 }
             })
-            .connect(settings.nats_url.as_str())
+            .connect(servers.as_str())
             .await
             .map_err(|e| LiveError::Connect {
-                url: settings.nats_url.clone(),
-                message: e.to_string(),
+                url: servers.clone(),
+                message: redact(&e.to_string()),
             })?;
         // async-nats bounds the acks pending across the whole context and, by default, makes a
         // publish wait when 5,000 are pending. Publishers hold their pending acks until their own
@@ -300,6 +378,32 @@ impl LiveOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_leave_the_nats_url_and_every_message() {
+        assert_eq!(
+            split_credentials("nats://u:p%40ss@a:4222, nats://b:4222"),
+            (
+                "nats://a:4222,nats://b:4222".to_string(),
+                Some(Credentials::UserPassword("u".into(), "p@ss".into()))
+            )
+        );
+        assert_eq!(
+            split_credentials("nats://s3cr3t@a"),
+            (
+                "nats://a".to_string(),
+                Some(Credentials::Token("s3cr3t".into()))
+            )
+        );
+        assert_eq!(
+            split_credentials("nats://a:4222"),
+            ("nats://a:4222".into(), None)
+        );
+        assert_eq!(
+            redact("cannot reach postgres://me:PW@db:5432/x or nats://TOKEN@n"),
+            "cannot reach postgres://***@db:5432/x or nats://***@n"
+        );
+    }
 
     #[test]
     fn background_repairs_are_bounded_in_count_and_bytes_and_give_back_what_they_held() {

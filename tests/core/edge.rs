@@ -318,3 +318,28 @@ async fn at_the_connection_cap_health_and_the_api_keep_answering() {
     assert!(evicted > 0, "{metrics}");
     drop(held);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_in_nats_url_and_database_url_never_reach_the_log() {
+    let db = TestDb::new().await;
+    // nothing listens on port 1: the NATS client keeps reconnecting, and logs each attempt
+    let nats_url = "nats://spool:NATS-PASSWORD-1@127.0.0.1:1";
+    let database_url = db.url.replacen("postgres@", "postgres:DB-PASSWORD-2@", 1);
+    assert_ne!(database_url, db.url);
+    let env = [
+        ("RUST_LOG", "debug"),
+        ("NATS_URL", nats_url),
+        ("DATABASE_URL", database_url.as_str()),
+    ];
+    let api = api_process(&db, &env, None).await;
+    crate::common::wait_until(
+        "reconnect attempts to be logged",
+        Duration::from_secs(30),
+        || async { (api.log_text().matches("127.0.0.1:1").count() >= 3).then_some(()) },
+    )
+    .await;
+    let log = api.log_text();
+    for secret in ["NATS-PASSWORD-1", "DB-PASSWORD-2"] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+    }
+}
