@@ -193,18 +193,20 @@ async fn run(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             db,
         }) => {
             let client = connect(&db).await?;
+            // the table shows no values: none are fetched, and no byte bound applies
             let filter = RunFilter {
                 status,
                 workflow,
                 limit,
+                max_bytes: i64::MAX,
                 ..Default::default()
             };
-            let runs = runs::list_runs(&client.client, &filter).await?;
+            let (runs, _) = runs::list_runs(&client.client, &filter).await?;
             println!(
                 "{:<38} {:<12} {:<10} {:>7} {:<16} created",
                 "id", "workflow", "status", "attempt", "executor"
             );
-            for r in runs {
+            for r in runs.into_iter().map(|l| l.run) {
                 println!(
                     "{:<38} {:<12} {:<10} {:>7} {:<16} {}",
                     r.id,

@@ -212,7 +212,15 @@ pub struct ListQuery {
     concurrency_key: Option<String>,
     limit: Option<i64>,
     cursor: Option<String>,
+    /// Comma-separated: `input`, `output`, `error` in full whatever their size.
+    include: Option<String>,
 }
+
+/// `input`, `output` and `error` larger than this many bytes of JSON are left out of a list
+/// (named with their size in `omitted`) unless asked for with `include`.
+pub const LIST_INLINE_MAX: i64 = 8 * 1024;
+/// A list page stops adding runs once their values pass this many bytes (at least one run).
+pub const LIST_MAX_BYTES: i64 = 4 << 20;
 
 pub async fn list(
     State(state): State<AppState>,
@@ -249,6 +257,21 @@ pub async fn list(
             })
         })
         .transpose()?;
+    let mut include = [false; 3];
+    for field in q.include.as_deref().unwrap_or("").split(',').map(str::trim) {
+        match field {
+            "" => {}
+            "input" => include[0] = true,
+            "output" => include[1] = true,
+            "error" => include[2] = true,
+            other => {
+                return Err(ApiError::unprocessable(
+                    "invalid_include",
+                    format!("cannot include {other:?}; expected input, output or error"),
+                ))
+            }
+        }
+    }
     let filter = RunFilter {
         status: q.status,
         workflow: q.workflow,
@@ -256,13 +279,30 @@ pub async fn list(
         concurrency_key: q.concurrency_key,
         before_seq,
         limit,
+        include,
+        inline_max: LIST_INLINE_MAX,
+        max_bytes: LIST_MAX_BYTES,
     };
     let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
-    let runs = runs::list_runs(&client, &filter).await?;
-    let next_cursor = if runs.len() as i64 == limit {
-        runs.last().map(|r| r.enqueue_seq.to_string())
-    } else {
-        None
-    };
+    let (listed, more) = runs::list_runs(&client, &filter).await?;
+    drop(client);
+    let next_cursor = more
+        .then(|| listed.last().map(|l| l.run.enqueue_seq.to_string()))
+        .flatten();
+    let runs: Vec<Value> = listed
+        .into_iter()
+        .map(|l| {
+            let mut v = serde_json::to_value(&l.run).unwrap_or(Value::Null);
+            if !l.omitted.is_empty() {
+                let omitted: serde_json::Map<String, Value> = l
+                    .omitted
+                    .iter()
+                    .map(|(name, bytes)| (name.to_string(), json!(bytes)))
+                    .collect();
+                v["omitted"] = Value::Object(omitted);
+            }
+            v
+        })
+        .collect();
     Ok(Json(json!({"runs": runs, "next_cursor": next_cursor})))
 }

@@ -10,6 +10,7 @@ mod edge;
 mod fencing;
 mod hostile_rows;
 mod lease;
+mod list;
 mod per_key;
 mod replay;
 mod schema;

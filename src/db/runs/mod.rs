@@ -234,20 +234,62 @@ pub struct RunFilter {
     pub concurrency_key: Option<String>,
     pub before_seq: Option<i64>,
     pub limit: i64,
+    /// `input`, `output`, `error` in full whatever their size (otherwise only up to
+    /// `inline_max` bytes of JSON each).
+    pub include: [bool; 3],
+    pub inline_max: i64,
+    /// Rows stop once the values listed so far exceed this many bytes (at least one row).
+    pub max_bytes: i64,
 }
 
-pub async fn list_runs(client: &impl Conn, f: &RunFilter) -> Result<Vec<Run>, DbError> {
-    let sql = format!(
-        "select {RUN_COLUMNS} from spool.runs r
-          where ($1::text is null or r.status = $1)
-            and ($2::text is null or r.workflow = $2)
-            and ($3::text is null or r.queue = $3)
-            and ($4::text is null or r.concurrency_key = $4)
-            and ($5::int8 is null or r.enqueue_seq < $5)
-          order by r.enqueue_seq desc
-          limit $6"
-    );
-    let stmt = client.stmt(&sql).await.map_err(DbError::from_pg)?;
+/// A listed run, with the JSON size of each of `input`, `output`, `error` left out of it.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub run: Run,
+    pub omitted: Vec<(&'static str, i64)>,
+}
+
+/// A page of runs, newest first, bounded by rows and by bytes: `input`, `output` and `error`
+/// larger than `inline_max` are left out unless included, and rows stop when the values so far
+/// pass `max_bytes`. Sizes are measured in Postgres, so neither the transfer nor this process's
+/// memory grows with what is left out. `more`: the page was cut by bytes or is full.
+pub async fn list_runs(client: &impl Conn, f: &RunFilter) -> Result<(Vec<Listed>, bool), DbError> {
+    let sql = "with page as (
+           select r.*, octet_length(r.input::text) as input_len,
+                  coalesce(octet_length(r.output::text), 0) as output_len,
+                  coalesce(octet_length(r.error::text), 0) as error_len
+             from spool.runs r
+            where ($1::text is null or r.status = $1)
+              and ($2::text is null or r.workflow = $2)
+              and ($3::text is null or r.queue = $3)
+              and ($4::text is null or r.concurrency_key = $4)
+              and ($5::int8 is null or r.enqueue_seq < $5)
+            order by r.enqueue_seq desc
+            limit $6
+         ), sized as (
+           select p.*,
+                  512 + case when $7 or p.input_len <= $10::int8 then p.input_len else 0 end
+                      + case when $8 or p.output_len <= $10::int8 then p.output_len else 0 end
+                      + case when $9 or p.error_len <= $10::int8 then p.error_len else 0 end
+                    as row_bytes
+             from page p
+         ), bounded as (
+           select s.*, sum(s.row_bytes) over (order by s.enqueue_seq desc) as running,
+                  count(*) over () as page_rows
+             from sized s
+         )
+         select r.id, r.workflow,
+                case when $7 or r.input_len <= $10::int8 then r.input end,
+                r.queue, r.concurrency_key, r.priority, r.run_at, r.status, r.executor_id,
+                r.attempt, r.max_attempts, r.claim_epoch, r.cancel_requested,
+                case when $8 or r.output_len <= $10::int8 then r.output end,
+                case when $9 or r.error_len <= $10::int8 then r.error end,
+                r.created_at, r.started_at, r.finished_at, r.updated_at, r.enqueue_seq,
+                r.input_len, r.output_len, r.error_len, r.page_rows
+           from bounded r
+          where r.running - r.row_bytes < $11::int8 or r.running = r.row_bytes
+          order by r.enqueue_seq desc";
+    let stmt = client.stmt(sql).await.map_err(DbError::from_pg)?;
     let rows = client
         .pg()
         .query(
@@ -259,11 +301,35 @@ pub async fn list_runs(client: &impl Conn, f: &RunFilter) -> Result<Vec<Run>, Db
                 &f.concurrency_key,
                 &f.before_seq,
                 &f.limit,
+                &f.include[0],
+                &f.include[1],
+                &f.include[2],
+                &f.inline_max,
+                &f.max_bytes,
             ],
         )
         .await
         .map_err(DbError::from_pg)?;
-    Ok(rows.iter().map(Run::from_row).collect())
+    let page_rows: i64 = rows.first().map(|r| r.get(23)).unwrap_or(0);
+    let more = !rows.is_empty() && (rows.len() as i64) < page_rows || page_rows == f.limit;
+    let listed = rows
+        .iter()
+        .map(|row| {
+            let mut omitted = Vec::new();
+            for (i, name) in ["input", "output", "error"].into_iter().enumerate() {
+                let len: Option<i32> = row.get(20 + i);
+                let len = len.unwrap_or(0) as i64;
+                if !f.include[i] && len > f.inline_max {
+                    omitted.push((name, len));
+                }
+            }
+            Listed {
+                run: Run::from_row(row),
+                omitted,
+            }
+        })
+        .collect();
+    Ok((listed, more))
 }
 
 /// The terminal statuses an executor may set.
