@@ -20,6 +20,7 @@ mod recovery;
 #[allow(dead_code)] // the bench uses only the black hole
 mod relay;
 mod report;
+mod scale;
 mod sse;
 mod throughput;
 
@@ -40,7 +41,7 @@ use report::Row;
 use throughput::ThroughputParams;
 
 /// Sections, in the order they run (the table is ordered by figure number).
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "ceiling",
     "noop",
     "enqueue",
@@ -50,6 +51,7 @@ const SECTIONS: [&str; 9] = [
     "chunks",
     "recovery",
     "nodedeath",
+    "scale",
 ];
 
 #[derive(Debug, Parser)]
@@ -76,7 +78,7 @@ struct Args {
     #[arg(long, env = "BENCH_COMMIT")]
     commit: Option<String>,
     /// Comma-separated sections to run (default: all): ceiling, noop, enqueue, steps, latency,
-    /// memory, chunks, recovery, nodedeath.
+    /// memory, chunks, recovery, nodedeath, scale.
     #[arg(long, env = "BENCH_ONLY", value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// SPOOL_CONCURRENCY of the executors.
@@ -267,6 +269,7 @@ async fn run(args: &Args) -> Vec<Row> {
                 recovery::measure(&bench, &p).await
             }
             "memory" => memory::measure(&bench).await,
+            "scale" => scale::measure(&bench).await,
             "nodedeath" => {
                 let p = NodeDeathParams {
                     trials: args.node_death_trials,
