@@ -343,3 +343,27 @@ async fn passwords_in_nats_url_and_database_url_never_reach_the_log() {
         assert!(!log.contains(secret), "{secret} in the log:\n{log}");
     }
 }
+
+/// The compose example refuses to start without a token and publishes the API on loopback only.
+#[test]
+fn the_compose_file_needs_a_token_and_publishes_on_loopback() {
+    let compose =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docker-compose.yml"))
+            .unwrap();
+    let token = compose
+        .lines()
+        .find(|l| l.trim_start().starts_with("SPOOL_API_TOKEN:"))
+        .expect("a token setting");
+    assert!(token.contains("${SPOOL_API_TOKEN:?"), "{token}");
+    let ports: Vec<&str> = compose
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("- \"") && l.ends_with(":8080\""))
+        .collect();
+    assert_eq!(ports.len(), 3, "{ports:?}");
+    for port in ports {
+        assert!(port.starts_with("- \"127.0.0.1:"), "{port}");
+    }
+    // and spool itself refuses the value the file used to default to
+    assert!(spool::config::check_token("change-me").is_err());
+}
