@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run an executor and the HTTP API (migrates first).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply the schema migrations and exit.
     Migrate(DbArgs),
     /// Enqueue a run; prints its id.
@@ -34,6 +34,19 @@ pub enum Command {
     Runs(RunsCommand),
     /// Print a run's live output as it arrives; exit 0 on done, 1 on failed or cancelled.
     Attach(AttachArgs),
+    /// Serve a mock OpenAI-compatible streaming endpoint (deterministic tokens, injectable
+    /// faults) for trying `llm.chat` without a provider; see `spool::llm::mock`.
+    MockLlm(MockLlmArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MockLlmArgs {
+    /// Address to listen on (port 0: any free port, printed at start).
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    pub listen: std::net::SocketAddr,
+    /// Require `Authorization: Bearer <key>` (401 otherwise).
+    #[arg(long, env = "MOCK_LLM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -83,6 +96,9 @@ pub struct EnqueueArgs {
     /// Concurrency key.
     #[arg(long)]
     pub key: Option<String>,
+    /// Cancel the key's running run and its earlier queued runs (key_policy `replace`).
+    #[arg(long, requires = "key")]
+    pub replace: bool,
     #[arg(long)]
     pub priority: Option<i32>,
     /// Delay before the run may start: 500ms, 5s, 2m, or plain milliseconds.
@@ -152,8 +168,11 @@ fn init_tracing() {
 async fn run(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => {
-            let config = Config::from_args(args)?;
+            let config = Config::from_args(*args)?;
             crate::serve::serve(config, registry, CancellationToken::new()).await?;
+        }
+        Command::MockLlm(args) => {
+            crate::llm::mock::serve(args.listen, args.api_key).await?;
         }
         Command::Migrate(db) => {
             let target = PgTarget::parse(&db.database_url)?;
@@ -178,6 +197,7 @@ async fn run(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                 max_attempts: args.max_attempts,
                 delay_ms,
                 run_at: None,
+                key_policy: args.replace.then(|| "replace".to_string()),
             };
             let (run, _created) = runs::insert_run(&client.client, &new).await?;
             println!("{}", run.id);

@@ -72,6 +72,31 @@ pub struct ServeArgs {
     /// Bearer token required by every endpoint but health.
     #[arg(long, env = "SPOOL_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+    /// OpenAI-compatible endpoint of the `llm.chat` workflow, as the OpenAI SDKs take it (for
+    /// example `https://api.openai.com/v1`); unset: no `llm.chat`.
+    #[arg(long, env = "SPOOL_LLM_BASE_URL")]
+    pub llm_base_url: Option<String>,
+    /// API key of that endpoint (or `SPOOL_LLM_API_KEY_FILE`, a file holding it).
+    #[arg(long, env = "SPOOL_LLM_API_KEY", hide_env_values = true)]
+    pub llm_api_key: Option<String>,
+    #[arg(long, env = "SPOOL_LLM_API_KEY_FILE")]
+    pub llm_api_key_file: Option<std::path::PathBuf>,
+    /// Longest one model request may take, streaming included, in milliseconds.
+    #[arg(long, env = "SPOOL_LLM_REQUEST_TIMEOUT_MS", default_value_t = 600_000)]
+    pub llm_request_timeout_ms: u64,
+    /// Longest wait for the first token, and between tokens, in milliseconds.
+    #[arg(
+        long,
+        env = "SPOOL_LLM_FIRST_TOKEN_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
+    pub llm_first_token_timeout_ms: u64,
+    /// Reply text is sent to attachers at most this long after it arrived, in milliseconds ...
+    #[arg(long, env = "SPOOL_LLM_FLUSH_MS", default_value_t = 50)]
+    pub llm_flush_ms: u64,
+    /// ... or once this many bytes are waiting.
+    #[arg(long, env = "SPOOL_LLM_FLUSH_BYTES", default_value_t = 512)]
+    pub llm_flush_bytes: usize,
     /// Host names (comma-separated, `*` for any) the API answers to; default: loopback names
     /// when listening on a loopback address, any host otherwise.
     #[arg(long, env = "SPOOL_ALLOWED_HOSTS", value_delimiter = ',')]
@@ -149,6 +174,8 @@ pub enum ConfigError {
     Database(#[from] crate::db::tls::TlsError),
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    #[error("cannot read SPOOL_LLM_API_KEY_FILE {0}: {1}")]
+    LlmKeyFile(String, String),
     #[error("SPOOL_API_TOKEN is refused: {0}; use a random one, e.g. `openssl rand -hex 32`")]
     WeakToken(&'static str),
     #[error("{0} must be between {1}")]
@@ -171,6 +198,8 @@ pub struct Config {
     pub allowed_hosts: Vec<String>,
     pub allowed_origins: Vec<String>,
     pub api_token: Option<String>,
+    /// `llm.chat` settings; `None` without `SPOOL_LLM_BASE_URL`.
+    pub llm: Option<crate::llm::LlmSettings>,
     pub max_body_bytes: usize,
     /// Pooled Postgres connections of the executor (`SPOOL_DB_POOL_SIZE`).
     pub db_pool_size: usize,
@@ -238,6 +267,31 @@ impl Config {
         if let Some(token) = &api_token {
             check_token(token)?;
         }
+        let llm = match args.llm_base_url.filter(|u| !u.trim().is_empty()) {
+            None => None,
+            Some(base_url) => {
+                let key = match (args.llm_api_key, &args.llm_api_key_file) {
+                    (Some(k), _) if !k.is_empty() => Some(k),
+                    (_, Some(path)) => Some(
+                        std::fs::read_to_string(path)
+                            .map_err(|e| {
+                                ConfigError::LlmKeyFile(path.display().to_string(), e.to_string())
+                            })?
+                            .trim()
+                            .to_string(),
+                    ),
+                    _ => None,
+                };
+                let mut s = crate::llm::LlmSettings::new(base_url);
+                s.api_key = key;
+                s.request_timeout = Duration::from_millis(args.llm_request_timeout_ms.max(1));
+                s.first_token_timeout =
+                    Duration::from_millis(args.llm_first_token_timeout_ms.max(1));
+                s.flush_interval = Duration::from_millis(args.llm_flush_ms);
+                s.flush_bytes = args.llm_flush_bytes.max(1);
+                Some(s)
+            }
+        };
         let serve_api = !args.worker_only;
         if serve_api
             && api_token.is_none()
@@ -299,6 +353,7 @@ impl Config {
             max_connections: args.max_connections,
             keep_alive: Duration::from_millis(args.keepalive_ms.max(100)),
             listen: args.listen,
+            llm,
             allowed_hosts: args.allowed_hosts,
             allowed_origins: args.allowed_origins,
             api_token,

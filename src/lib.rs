@@ -24,6 +24,7 @@ pub mod config;
 pub mod db;
 pub mod executor;
 pub mod live;
+pub mod llm;
 pub mod migrate;
 pub mod serve;
 pub mod sse_client;

@@ -35,9 +35,13 @@ pub enum ServeError {
 /// Runs until a shutdown signal (or `stop`), then drains and returns.
 pub async fn serve(
     config: Config,
-    registry: Registry,
+    mut registry: Registry,
     stop: CancellationToken,
 ) -> Result<(), ServeError> {
+    if let Some(llm) = &config.llm {
+        tracing::info!(base_url = %llm.base_url, "llm.chat calls an OpenAI-compatible endpoint");
+        crate::llm::register(&mut registry, llm.clone());
+    }
     if config.generated_executor_id {
         tracing::warn!(
             executor = %config.executor.executor_id,

@@ -36,6 +36,9 @@ pub struct EnqueueRequest {
     delay_ms: Option<i64>,
     #[serde(default)]
     max_attempts: Option<i32>,
+    /// `queue` (the default) or `replace` (see `spool.runs.key_policy`).
+    #[serde(default)]
+    key_policy: Option<String>,
 }
 
 pub async fn enqueue(
@@ -111,6 +114,14 @@ async fn validate_enqueue(state: &AppState, req: EnqueueRequest) -> Result<NewRu
             ));
         }
     }
+    if let Some(p) = &req.key_policy {
+        if !matches!(p.as_str(), "queue" | "replace") {
+            return Err(ApiError::unprocessable(
+                "invalid_key_policy",
+                format!("key_policy must be queue or replace, not {p:?}"),
+            ));
+        }
+    }
     let input = req.input.unwrap_or_else(|| json!({}));
     if state.registry.get(&req.workflow).is_none() {
         let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
@@ -139,6 +150,7 @@ async fn validate_enqueue(state: &AppState, req: EnqueueRequest) -> Result<NewRu
         max_attempts: req.max_attempts,
         delay_ms: req.delay_ms,
         run_at: req.run_at,
+        key_policy: req.key_policy,
     })
 }
 

@@ -250,7 +250,7 @@ struct ControlLoop {
     /// One task per run in flight; aborting the loop aborts them all.
     tasks: JoinSet<String>,
     /// Run id → (claim epoch, task) for every run this process is executing.
-    in_flight: HashMap<String, (i64, AbortHandle)>,
+    in_flight: HashMap<String, (i64, AbortHandle, CancellationToken)>,
     wake: Arc<Notify>,
     /// Suspects of repeated crashes started alone, and the runs held back meanwhile.
     isolation: probation::Isolation,
@@ -261,10 +261,12 @@ struct ControlLoop {
 impl ControlLoop {
     async fn run(mut self, stop: CancellationToken) -> Result<(), ExecutorError> {
         let listener_stop = stop.child_token();
+        let (cancels, mut cancel_requests) = tokio::sync::mpsc::unbounded_channel();
         let _listener = AbortOnDrop(tokio::spawn(wakeup::listen(
             self.target.clone(),
             self.settings.executor_id.clone(),
             self.wake.clone(),
+            cancels,
             listener_stop.clone(),
         )));
         let mut next_poll = Instant::now();
@@ -285,6 +287,7 @@ impl ControlLoop {
             if !self.lease.is_fenced() {
                 if now >= next_recovery {
                     self.recover().await;
+                    self.poll_cancellations().await;
                     next_recovery = Instant::now() + self.settings.recovery_interval;
                 }
                 if now >= next_key_sweep {
@@ -333,6 +336,7 @@ impl ControlLoop {
                 _ = self.wake.notified() => {
                     catch_up = Some(Instant::now() + Duration::from_millis(10));
                 }
+                Some(id) = cancel_requests.recv() => self.cancel_in_flight(&id),
                 _ = tokio::time::sleep_until(wake_at) => {
                     if catch_up.is_some_and(|t| t <= Instant::now()) {
                         catch_up = None;
@@ -423,15 +427,49 @@ impl ControlLoop {
         let epoch = run.claim_epoch;
         let deps = self.deps.clone();
         let task_id = id.clone();
+        let cancel = CancellationToken::new();
+        let run_cancel = cancel.clone();
         let handle = self.tasks.spawn(async move {
-            runner::execute(run, deps).await;
+            runner::execute(run, deps, run_cancel).await;
             task_id
         });
-        self.in_flight.insert(id, (epoch, handle));
+        self.in_flight.insert(id, (epoch, handle, cancel));
         self.deps
             .metrics
             .in_flight
             .store(self.in_flight.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Tells a run executing here that its cancellation was requested (a step that can stop
+    /// early, such as an LLM generation, stops now instead of at its next step boundary).
+    fn cancel_in_flight(&self, id: &str) {
+        if let Some((_, _, cancel)) = self.in_flight.get(id) {
+            tracing::debug!(run = %id, "cancellation requested while running");
+            cancel.cancel();
+        }
+    }
+
+    /// The periodic catch-up for cancellations whose notification was missed (the listener
+    /// was reconnecting): one statement over the runs executing here.
+    async fn poll_cancellations(&self) {
+        let ids: Vec<String> = self
+            .in_flight
+            .iter()
+            .filter(|(_, (_, _, c))| !c.is_cancelled())
+            .map(|(id, _)| id.clone())
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        let flagged = self
+            .within(async {
+                let client = self.deps.pool.get().await?;
+                crate::db::runs::cancel_requested_among(&client, &ids).await
+            })
+            .await;
+        for id in flagged.unwrap_or_default() {
+            self.cancel_in_flight(&id);
+        }
     }
 
     fn reap(&mut self, done: Result<String, tokio::task::JoinError>) {
@@ -443,7 +481,7 @@ impl ControlLoop {
                 // runner::execute catches workflow panics; an aborted or panicked task is
                 // removed by its task id.
                 let tid = e.id();
-                self.in_flight.retain(|_, (_, h)| h.id() != tid);
+                self.in_flight.retain(|_, (_, h, _)| h.id() != tid);
             }
         }
         self.deps
@@ -474,7 +512,7 @@ impl ControlLoop {
         let waiting = waiting.into_iter().map(|r| (r.id, r.claim_epoch));
         let in_flight = std::mem::take(&mut self.in_flight)
             .into_iter()
-            .map(|(id, (epoch, _))| (id, epoch));
+            .map(|(id, (epoch, _, _))| (id, epoch));
         let mut unreachable = false;
         for (id, epoch) in in_flight.chain(waiting) {
             if unreachable {

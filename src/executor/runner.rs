@@ -13,6 +13,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use futures::FutureExt;
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 
 use super::batcher::Writes;
 use crate::db::runs::{Finish, Outcome, Run};
@@ -45,11 +46,12 @@ pub struct RunnerDeps {
 }
 
 /// Runs `run` to its end (or until it is lost). Never panics: a panicking workflow fails the run.
-pub async fn execute(run: Run, deps: Arc<RunnerDeps>) {
+pub async fn execute(run: Run, deps: Arc<RunnerDeps>, cancel: CancellationToken) {
     let id = run.id.clone();
     let epoch = run.claim_epoch;
     let sink = (deps.chunks)(&RunIdentity::of(&run));
-    let (mut outcome, mut output, mut error) = match decide(run, &deps, sink.clone()).await {
+    let (mut outcome, mut output, mut error) = match decide(run, &deps, sink.clone(), cancel).await
+    {
         Some(end) => storable(end),
         None => return,
     };
@@ -125,7 +127,12 @@ fn storable(end: End) -> End {
 
 /// Runs the workflow and decides the terminal transition, or `None` when there is nothing to
 /// record (the run was lost, or the database is unreachable and recovery will retry).
-async fn decide(run: Run, deps: &RunnerDeps, sink: Arc<dyn ChunkSink>) -> Option<End> {
+async fn decide(
+    run: Run,
+    deps: &RunnerDeps,
+    sink: Arc<dyn ChunkSink>,
+    cancel: CancellationToken,
+) -> Option<End> {
     if run.attempt > run.max_attempts {
         let message = format!(
             "gave up after {} attempts (max_attempts {}): the run was claimed {} times without finishing, which usually means it crashed or stranded its executor each time",
@@ -186,6 +193,7 @@ async fn decide(run: Run, deps: &RunnerDeps, sink: Arc<dyn ChunkSink>) -> Option
         deps.writes.steps.clone(),
         memo,
         run.cancel_requested,
+        cancel,
         sink,
     );
     let result = AssertUnwindSafe(workflow(ctx.clone(), run.input))
@@ -207,6 +215,15 @@ fn end_of(result: Caught, run_id: &str, deps: &RunnerDeps) -> Option<End> {
     match result {
         Ok(Ok(output)) => Some((Outcome::Succeeded, Some(output), None)),
         Ok(Err(WorkflowError::Cancelled)) => Some(cancelled()),
+        Ok(Err(WorkflowError::CancelledWith(partial))) => Some((
+            Outcome::Cancelled,
+            None,
+            Some(json!({
+                "code": "cancelled",
+                "message": "cancelled while running; what it produced so far is in partial",
+                "partial": partial,
+            })),
+        )),
         Ok(Err(WorkflowError::Lost)) => {
             deps.metrics.lost();
             tracing::warn!(run = %run_id, "run was taken over; this attempt stops");

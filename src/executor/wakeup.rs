@@ -11,13 +11,16 @@ use tokio_util::sync::CancellationToken;
 use crate::db::{self, PgTarget};
 
 pub const CHANNEL: &str = "spool_runs";
+/// Notified with a run's id when its cancellation is requested while it runs (migration V6).
+pub const CANCEL_CHANNEL: &str = "spool_cancel";
 
-/// Listens until `stop` is cancelled; every notification (and every reconnect) calls
-/// `wake.notify_one()`.
+/// Listens until `stop` is cancelled; every `spool_runs` notification (and every reconnect)
+/// calls `wake.notify_one()`, every `spool_cancel` one sends its run id to `cancels`.
 pub async fn listen(
     target: PgTarget,
     executor_id: String,
     wake: Arc<Notify>,
+    cancels: tokio::sync::mpsc::UnboundedSender<String>,
     stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -28,7 +31,7 @@ pub async fn listen(
                 db::connect_dedicated(&target, &format!("spool-listen:{executor_id}"), Some(tx))
                     .await?;
             conn.client
-                .batch_execute(&format!("listen {CHANNEL}"))
+                .batch_execute(&format!("listen {CHANNEL}; listen {CANCEL_CHANNEL}"))
                 .await
                 .map_err(db::DbError::from_pg)?;
             Ok::<_, db::DbError>(conn)
@@ -46,6 +49,9 @@ pub async fn listen(
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         n = rx.recv() => match n {
+                            Some(n) if n.channel() == CANCEL_CHANNEL => {
+                                let _ = cancels.send(n.payload().to_string());
+                            }
                             Some(_) => wake.notify_one(),
                             None => break,
                         },

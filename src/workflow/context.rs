@@ -20,6 +20,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use tokio_util::sync::CancellationToken;
+
 use super::{nul_path, StepError, WorkflowError, NUL_REFUSED};
 use crate::db::steps::{FinishedStep, StepRecord, StepRecorded, StepWrite};
 use crate::executor::batcher::Batcher;
@@ -159,6 +161,9 @@ struct Inner {
     step_counter: AtomicI32,
     /// Set from the run row whenever a step is recorded.
     cancel_requested: AtomicBool,
+    /// Cancelled by the executor as soon as it learns the run's cancellation was requested
+    /// (while a step runs, too): steps that can stop early wait on [`RunContext::cancelled`].
+    cancel: CancellationToken,
     chunks: Arc<dyn ChunkSink>,
     /// Chunks emitted in this attempt so far, replayed ones included.
     emitted: AtomicUsize,
@@ -186,6 +191,7 @@ impl RunContext {
         steps: Batcher<StepWrite, StepRecorded>,
         memo: Vec<StepRecord>,
         cancel_requested: bool,
+        cancel: CancellationToken,
         chunks: Arc<dyn ChunkSink>,
     ) -> Self {
         Self {
@@ -195,6 +201,7 @@ impl RunContext {
                 memo: memo.into_iter().map(|s| (s.step, s)).collect(),
                 step_counter: AtomicI32::new(0),
                 cancel_requested: AtomicBool::new(cancel_requested),
+                cancel,
                 chunks,
                 emitted: AtomicUsize::new(0),
                 in_flight: Mutex::new(None),
@@ -211,9 +218,19 @@ impl RunContext {
         &self.inner.identity
     }
 
-    /// True once someone asked to cancel the run (seen at the last step boundary).
+    /// True once someone asked to cancel the run (seen at a step boundary, or told by the
+    /// executor while a step runs).
     pub fn is_cancel_requested(&self) -> bool {
-        self.inner.cancel_requested.load(Ordering::Relaxed)
+        self.inner.cancel_requested.load(Ordering::Relaxed) || self.inner.cancel.is_cancelled()
+    }
+
+    /// Resolves once the run's cancellation is requested: a long step (an LLM generation) waits
+    /// on it beside its work and stops early, keeping what it has so far.
+    pub async fn cancelled(&self) {
+        if self.inner.cancel_requested.load(Ordering::Relaxed) {
+            return;
+        }
+        self.inner.cancel.cancelled().await
     }
 
     /// Returns `Err(Cancelled)` when cancellation was requested; call it in long loops.

@@ -65,6 +65,9 @@ pub enum WorkflowError {
     Failed(String),
     #[error("cancelled")]
     Cancelled,
+    /// Cancelled while a step ran, which kept what it had produced so far (a partial reply).
+    #[error("cancelled")]
+    CancelledWith(Value),
     /// The claim was superseded (re-claimed, released or finished elsewhere): stop quietly.
     #[error("lost ownership of the run")]
     Lost,
@@ -93,7 +96,7 @@ impl WorkflowError {
             Self::NonDeterminism { .. } => "non_determinism",
             Self::InvalidInput(_) => "invalid_input",
             Self::Failed(_) => "workflow_failed",
-            Self::Cancelled => "cancelled",
+            Self::Cancelled | Self::CancelledWith(_) => "cancelled",
             Self::Lost => "lost",
             Self::Database(_) => "database_unavailable",
             Self::Encode(_) => "encode_failed",

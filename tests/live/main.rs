@@ -5,6 +5,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod chat;
 mod fanout;
 mod in_process;
 mod wire;

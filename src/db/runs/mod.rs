@@ -80,6 +80,8 @@ pub struct NewRun {
     /// Delay from the database's `now()`, in milliseconds.
     pub delay_ms: Option<i64>,
     pub run_at: Option<DateTime<Utc>>,
+    /// `queue` or `replace` (see `spool.runs.key_policy`); `None` is the default, `queue`.
+    pub key_policy: Option<String>,
 }
 
 /// Inserts a run. Returns `(run, true)` when created, `(existing, false)` when the id existed.
@@ -87,10 +89,11 @@ pub async fn insert_run(client: &impl Conn, new: &NewRun) -> Result<(Run, bool),
     let sql = format!(
         "with ins as (
             insert into spool.runs as r (id, workflow, input, queue, concurrency_key, priority,
-                                         max_attempts, run_at)
+                                         max_attempts, run_at, key_policy)
             values (coalesce($1, gen_random_uuid()::text), $2, $3, coalesce($4, 'default'), $5,
                     coalesce($6, 0), coalesce($7, 5),
-                    coalesce($8::timestamptz, now() + make_interval(secs => coalesce($9::int8, 0)::float8 / 1000)))
+                    coalesce($8::timestamptz, now() + make_interval(secs => coalesce($9::int8, 0)::float8 / 1000)),
+                    coalesce($10, 'queue'))
             on conflict (id) do nothing
             returning {RUN_COLUMNS}
          )
@@ -114,6 +117,7 @@ pub async fn insert_run(client: &impl Conn, new: &NewRun) -> Result<(Run, bool),
                 &new.max_attempts,
                 &new.run_at,
                 &new.delay_ms,
+                &new.key_policy,
             ],
         )
         .await
@@ -526,4 +530,21 @@ pub async fn ended_runs(client: &impl Conn, ids: &[String]) -> Result<Vec<Run>, 
         .await
         .map_err(DbError::from_pg)?;
     Ok(rows.iter().map(Run::from_row).collect())
+}
+
+/// The runs among `ids` whose cancellation was requested while they run.
+pub async fn cancel_requested_among(
+    client: &impl Conn,
+    ids: &[String],
+) -> Result<Vec<String>, DbError> {
+    let stmt = client
+        .stmt("select id from spool.runs where id = any($1) and cancel_requested and status = 'running'")
+        .await
+        .map_err(DbError::from_pg)?;
+    let rows = client
+        .pg()
+        .query(&stmt, &[&ids])
+        .await
+        .map_err(DbError::from_pg)?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
