@@ -5,6 +5,7 @@
 
 pub mod edge;
 mod error;
+mod key_stream;
 mod runs;
 pub mod server;
 pub mod slow_clients;
@@ -54,6 +55,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/runs/{id}/steps", get(runs::steps))
         .route("/v1/runs/{id}/cancel", post(runs::cancel))
         .route("/v1/runs/{id}/stream", get(stream::attach))
+        .route("/v1/keys/{key}/stream", get(key_stream::attach_key))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(
             state.clone(),

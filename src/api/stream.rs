@@ -61,7 +61,7 @@ pub struct AttachLimits {
     per_run: Mutex<HashMap<String, usize>>,
     /// Cancelled by [`AttachLimits::end_all`]: every stream, open or yet to open, ends with
     /// `reconnect`.
-    closing: CancellationToken,
+    pub(super) closing: CancellationToken,
 }
 
 impl AttachLimits {
@@ -87,7 +87,7 @@ impl AttachLimits {
         self.total.load(Ordering::Relaxed)
     }
 
-    fn admit(self: &Arc<Self>, run_id: &str) -> Option<AttachGuard> {
+    pub(super) fn admit(self: &Arc<Self>, run_id: &str) -> Option<AttachGuard> {
         let mut per_run = self.per_run.lock().unwrap();
         let n = per_run.entry(run_id.to_string()).or_insert(0);
         if *n >= self.max_per_run || self.total.load(Ordering::Relaxed) >= self.max_total {
@@ -106,7 +106,7 @@ impl AttachLimits {
 }
 
 /// Counts one attacher while alive.
-struct AttachGuard {
+pub(super) struct AttachGuard {
     limits: Arc<AttachLimits>,
     run_id: String,
 }
@@ -237,7 +237,7 @@ fn sse_event(e: AttachEvent) -> Event {
 }
 
 /// An event's `data:` line: one line of JSON (see the module docs).
-fn wire_data(e: &AttachEvent) -> String {
+pub(super) fn wire_data(e: &AttachEvent) -> String {
     match e.kind {
         "reset" => "null".to_string(),
         "done" | "failed" | "cancelled" => one_line_json(&e.data),
@@ -246,7 +246,7 @@ fn wire_data(e: &AttachEvent) -> String {
     }
 }
 
-fn json_string(text: &str) -> String {
+pub(super) fn json_string(text: &str) -> String {
     serde_json::Value::from(text).to_string()
 }
 

@@ -329,3 +329,98 @@ async fn a_replace_enqueue_cancels_the_running_answer_of_its_key_and_runs_next()
         json!(reply(10))
     );
 }
+
+/// Reads a key stream until `ends` end events arrived.
+async fn follow_key(
+    base: &str,
+    key: &str,
+    last_event_id: Option<&str>,
+    ends: usize,
+) -> Vec<spool::sse_client::SseEvent> {
+    use futures::StreamExt;
+    let mut req = reqwest::Client::new().get(format!("{base}/v1/keys/{key}/stream"));
+    if let Some(id) = last_event_id {
+        req = req.header("last-event-id", id);
+    }
+    let res = req.send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let mut events = Box::pin(spool::sse_client::parse(res.bytes_stream()));
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while out
+            .iter()
+            .filter(|e: &&spool::sse_client::SseEvent| e.is_end())
+            .count()
+            < ends
+        {
+            out.push(events.next().await.expect("stream open").expect("event"));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{ends} ends in time: {out:?}"));
+    out
+}
+
+/// Splits a key stream into (run id, the text it renders: `reset` clears) per `run` frame.
+fn per_run(events: &[spool::sse_client::SseEvent]) -> Vec<(String, String)> {
+    let mut runs: Vec<(String, String)> = Vec::new();
+    for e in events {
+        match e.event.as_str() {
+            "run" => {
+                let frame: Value = serde_json::from_str(&e.data).unwrap();
+                runs.push((frame["run_id"].as_str().unwrap().to_string(), String::new()));
+            }
+            "reset" => runs.last_mut().unwrap().1.clear(),
+            "chunk" => runs.last_mut().unwrap().1.push_str(&e.data),
+            _ => {}
+        }
+    }
+    runs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_per_conversation_follows_its_runs_across_a_crash_and_resumes_with_last_event_id() {
+    let db = TestDb::new().await;
+    let nats = NatsServer::start().await;
+    let base = mock().await;
+    let env = chat_env(&db, &nats, &base, KEY);
+    let mut api_env = env_refs(&env);
+    api_env.push(("SPOOL_EXECUTOR_ID", "api"));
+    let api = SpoolProcess::spawn_with_args(Binary::Spool, &db, "api", &api_env, &["--api-only"]);
+    api.wait_http().await;
+    // attached before the conversation has any run
+    let api_url = api.url("");
+    let follower = tokio::spawn(async move { follow_key(&api_url, "conv", None, 2).await });
+    let mut owner = SpoolProcess::start(Binary::Spool, &db, "owner", &env_refs(&env)).await;
+    enqueue_chat(&db, "q1", "mock:tokens=60,delay_ms=10", ", 'conv', 'queue'").await;
+    enqueue_chat(&db, "q2", "mock:tokens=30,delay_ms=5", ", 'conv', 'queue'").await;
+    wait_until(
+        "q1 to be partly streamed",
+        Duration::from_secs(30),
+        || async { (mock_stats(&base).await["tokens"].as_u64().unwrap() >= 15).then_some(()) },
+    )
+    .await;
+    owner.signal(Signal::SIGKILL);
+    owner.wait_exit(Duration::from_secs(10)).await;
+    let _owner = SpoolProcess::start(Binary::Spool, &db, "owner", &env_refs(&env)).await;
+
+    let events = follower.await.unwrap();
+    assert_eq!(
+        per_run(&events),
+        [("q1".to_string(), reply(60)), ("q2".to_string(), reply(30))],
+        "{events:?}"
+    );
+    for e in &events {
+        let id = e.id.as_deref().expect("every event has an id");
+        assert!(id.split_once('.').is_some(), "{id}");
+    }
+
+    // A reload resumes exactly where it was: after q1's last chunk, it gets q1's end, then q2.
+    let ends: Vec<usize> = (0..events.len()).filter(|&i| events[i].is_end()).collect();
+    let before_end = &events[ends[0] - 1];
+    assert_eq!(before_end.event, "chunk");
+    let resumed = follow_key(&api.url(""), "conv", before_end.id.as_deref(), 2).await;
+    assert_eq!(resumed[0].event, "done", "{resumed:?}");
+    assert_eq!(resumed[0].id, events[ends[0]].id);
+    assert_eq!(per_run(&resumed[1..]), [("q2".to_string(), reply(30))]);
+}
