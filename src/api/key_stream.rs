@@ -105,6 +105,8 @@ pub async fn attach_key(
         .into_response())
 }
 
+type RunEvents = std::pin::Pin<Box<dyn Stream<Item = AttachEvent> + Send>>;
+
 enum Start {
     /// Follow the runs enqueued after this `enqueue_seq`.
     After(i64),
@@ -121,10 +123,8 @@ struct Follower {
     /// `enqueue_seq` of the run followed last.
     last_run: i64,
     last_id: String,
-    current: Option<(
-        i64,
-        std::pin::Pin<Box<dyn Stream<Item = AttachEvent> + Send>>,
-    )>,
+    /// The run followed now (`enqueue_seq`) and its events.
+    current: Option<(i64, RunEvents)>,
     /// The server is shutting down: the stream ends with `reconnect`.
     closing: tokio_util::sync::CancellationToken,
     ended: bool,
