@@ -6,8 +6,9 @@
 # psql views, attaches to the live output of one of spool-1's runs through spool-2's HTTP API,
 # SIGKILLs spool-1 mid-run, restarts it under the same executor id and shows it replay its runs
 # from the last memoized step, while the attacher sees a `reset` and then the whole output once.
-# Ends with a late attach to the finished run. Everything it started is stopped and removed on
-# exit.
+# Then a late attach to the finished run, and a chat: two llm.chat answers of one conversation
+# against the built-in mock provider, followed by one per-conversation attach while the answering
+# executor is SIGKILLed mid-answer. Everything it started is stopped and removed on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,10 +52,10 @@ stop_leftovers() {
   # a previous demo that was killed before its cleanup ran may have left executors, an attacher,
   # PostgreSQL and nats-server behind
   local f p
-  for f in "$root"/spool-*.pid "$root/attach.pid"; do
+  for f in "$root"/spool-*.pid "$root/attach.pid" "$root/mock-llm.pid"; do
     [ -f "$f" ] || continue
     p=$(cat "$f")
-    if [ -r "/proc/$p/cmdline" ] && tr '\0' ' ' <"/proc/$p/cmdline" | grep -Eq "$bin (serve|attach)"; then
+    if [ -r "/proc/$p/cmdline" ] && tr '\0' ' ' <"/proc/$p/cmdline" | grep -Eq "$bin (serve|attach|mock-llm)"; then
       kill -9 "$p" 2>/dev/null || true
     fi
     rm -f "$f"
@@ -94,7 +95,7 @@ cleanup() {
 
 mkdir -p "$root"
 stop_leftovers
-rm -f "$root"/spool-*.log "$attach_log" "$root"/attach.rc "$root"/late-attach.log
+rm -f "$root"/spool-*.log "$attach_log" "$root"/attach.rc "$root"/late-attach.log "$root"/chat.log
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
@@ -106,7 +107,7 @@ start_executor() {
   local id=$1
   say "starting $id: SPOOL_EXECUTOR_ID=$id SPOOL_LISTEN=127.0.0.1:${port[$id]} SPOOL_CONCURRENCY=2 spool serve"
   SPOOL_EXECUTOR_ID=$id SPOOL_LISTEN=127.0.0.1:${port[$id]} SPOOL_CONCURRENCY=2 RUST_LOG=info \
-    NATS_URL=$NATS_URL "$bin" serve >>"$root/$id.log" 2>&1 &
+    NATS_URL=$NATS_URL SPOOL_LLM_BASE_URL=$LLM_BASE_URL "$bin" serve >>"$root/$id.log" 2>&1 &
   pid[$id]=$!
   echo "${pid[$id]}" >"$root/$id.pid"
 }
@@ -202,7 +203,14 @@ RUST_LOG=warn "$bin" migrate
 show_cmd "scripts/nats.sh start $root/nats"
 nats_port=$(scripts/nats.sh start "$root/nats")
 export NATS_URL="nats://127.0.0.1:$nats_port"
-say "NATS_URL=$NATS_URL   # live output: JetStream, one subject per run"
+say "NATS_URL=$NATS_URL   # live output: JetStream, one subject per run attempt"
+llm_port=$(python3 scripts/free_port.py)
+show_cmd "spool mock-llm --listen 127.0.0.1:$llm_port &   # an OpenAI-compatible mock provider"
+"$bin" mock-llm --listen "127.0.0.1:$llm_port" >"$root/mock-llm.log" 2>&1 &
+pid[mock-llm]=$!
+echo "${pid[mock-llm]}" >"$root/mock-llm.pid"
+export LLM_BASE_URL="http://127.0.0.1:$llm_port/v1"
+say "SPOOL_LLM_BASE_URL=$LLM_BASE_URL   # for llm.chat (section 9)"
 
 header "2. Start two executors"
 say "Each executor has a stable id (like a StatefulSet pod name) and 2 worker slots; both publish"
@@ -383,7 +391,80 @@ if grep -qF '[reset: ' <<<"$late"; then die "the late attach saw a reset"; fi
 [ "$late" = "$(expected_output)" ] || die "the late attach did not print exactly tick-1..tick-$ticks then done"
 say "Late attach: tick-1..tick-$ticks exactly once, then done; no reset."
 
-header "9. Shut down"
+header "9. Chat: an LLM conversation, attached per conversation"
+say "llm.chat runs are LLM replies: input in the OpenAI Chat Completions shape, the reply streamed"
+say "as chunks and memoized as one step. Here against the mock provider; for a real one, set"
+say "SPOOL_LLM_BASE_URL=https://api.openai.com/v1 and SPOOL_LLM_API_KEY (any OpenAI-compatible server)."
+say "Two messages of one conversation (concurrency key conv-7): the second answer waits for the first."
+chat_sql="INSERT INTO spool.runs (id, workflow, concurrency_key, input) VALUES
+  ('answer-1', 'llm.chat', 'conv-7', '{\"model\": \"mock:tokens=100,delay_ms=40\", \"messages\": [{\"role\": \"user\", \"content\": \"Tell me a long story\"}]}'),
+  ('answer-2', 'llm.chat', 'conv-7', '{\"model\": \"mock:tokens=30,delay_ms=40\", \"messages\": [{\"role\": \"user\", \"content\": \"And a short one\"}]}')
+RETURNING id;"
+show_sql "$chat_sql"
+sql -At -c "$chat_sql"
+deadline=$((SECONDS + 30))
+until owner=$(sql_value "select executor_id from spool.runs where id = 'answer-1' and status = 'running'") && [ -n "$owner" ]; do
+  [ "$SECONDS" -lt "$deadline" ] || die "answer-1 did not start"
+  sleep 0.1
+done
+other=spool-1
+[ "$owner" = spool-1 ] && other=spool-2
+say "answer-1 is generating on $owner; a browser tab attaches to the conversation through $other:"
+show_cmd "curl -sN http://127.0.0.1:${port[$other]}/v1/keys/conv-7/stream"
+curl -sN "http://127.0.0.1:${port[$other]}/v1/keys/conv-7/stream" >"$root/chat.log" 2>&1 &
+chat_curl=$!
+deadline=$((SECONDS + 30))
+until [ "$(grep -c '^event: chunk' "$root/chat.log" || true)" -ge 4 ]; do
+  [ "$SECONDS" -lt "$deadline" ] || die "no chat chunks arrived (see $root/chat.log)"
+  sleep 0.1
+done
+show_cmd "kill -KILL ${pid[$owner]}   # $owner dies mid-answer"
+kill -9 "${pid[$owner]}"
+wait "${pid[$owner]}" 2>/dev/null || true
+start_executor "$owner"
+wait_alive "$owner"
+deadline=$((SECONDS + 60))
+until [ "$(grep -c '^event: done' "$root/chat.log" || true)" -ge 2 ]; do
+  [ "$SECONDS" -lt "$deadline" ] || die "the conversation did not end (see $root/chat.log)"
+  sleep 0.1
+done
+kill "$chat_curl" 2>/dev/null || true
+wait "$chat_curl" 2>/dev/null || true
+say "What the tab received, rendered (a reset clears the answer being shown):"
+python3 - "$root/chat.log" <<'PY' || die "the conversation did not arrive whole, once (see $root/chat.log)"
+import json, sys
+events, cur = [], {}
+for line in open(sys.argv[1]).read().splitlines() + [""]:
+    if not line:
+        if cur: events.append(cur)
+        cur = {}
+    elif not line.startswith(":"):
+        k, _, v = line.partition(":")
+        cur[k] = v[1:] if v.startswith(" ") else v
+answers, resets = [], {}
+for e in events:
+    kind, data = e.get("event"), json.loads(e.get("data", "null"))
+    if kind == "run":
+        answers.append([data["run_id"], ""])
+    elif kind == "reset":
+        answers[-1][1] = ""
+        resets[answers[-1][0]] = resets.get(answers[-1][0], 0) + 1
+    elif kind == "chunk":
+        answers[-1][1] += data
+for run, text in answers:
+    words = text.split()
+    print(f"  {run}: {' '.join(words[:6])} ... {' '.join(words[-3:])}  ({len(words)} tokens, {resets.get(run, 0)} reset)")
+expected = {"answer-1": "".join(f"t{i} " for i in range(1, 101)), "answer-2": "".join(f"t{i} " for i in range(1, 31))}
+assert [r for r, _ in answers] == ["answer-1", "answer-2"], answers
+assert all(text == expected[run] for run, text in answers), "an answer is not whole"
+assert resets.get("answer-1") == 1, resets
+PY
+say "answer-1 was cut by the crash: the tab got one reset, then the whole answer once; answer-2"
+say "followed on the same stream. Outputs (the assistant messages):"
+sql -c "select id, status, executor_id, claim_epoch, left(output->>'content', 40) as reply
+          from spool.runs where workflow = 'llm.chat' order by id"
+
+header "10. Shut down"
 show_cmd "kill -TERM ${pid[spool-1]} ${pid[spool-2]}   # spool-1, spool-2: they drain and exit"
 for id in spool-1 spool-2; do kill -TERM "${pid[$id]}"; done
 for id in spool-1 spool-2; do
