@@ -7,6 +7,7 @@
 //! printed and written, with a description of the machine, to `bench/results.md`.
 
 mod ceiling;
+mod chat;
 mod chunks;
 mod enqueue;
 mod harness;
@@ -41,7 +42,7 @@ use report::Row;
 use throughput::ThroughputParams;
 
 /// Sections, in the order they run (the table is ordered by figure number).
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "ceiling",
     "noop",
     "enqueue",
@@ -52,6 +53,7 @@ const SECTIONS: [&str; 10] = [
     "recovery",
     "nodedeath",
     "scale",
+    "chat",
 ];
 
 #[derive(Debug, Parser)]
@@ -78,7 +80,7 @@ struct Args {
     #[arg(long, env = "BENCH_COMMIT")]
     commit: Option<String>,
     /// Comma-separated sections to run (default: all): ceiling, noop, enqueue, steps, latency,
-    /// memory, chunks, recovery, nodedeath, scale.
+    /// memory, chunks, recovery, nodedeath, scale, chat.
     #[arg(long, env = "BENCH_ONLY", value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// SPOOL_CONCURRENCY of the executors.
@@ -270,6 +272,7 @@ async fn run(args: &Args) -> Vec<Row> {
             }
             "memory" => memory::measure(&bench).await,
             "scale" => scale::measure(&bench).await,
+            "chat" => chat::measure(&bench).await,
             "nodedeath" => {
                 let p = NodeDeathParams {
                     trials: args.node_death_trials,

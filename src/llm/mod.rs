@@ -6,6 +6,8 @@
 //! `finish_reason` and `usage`. A replay after that step committed never calls the model again;
 //! a kill mid-reply replays the step (the attachers get `reset`, then the new reply).
 //!
+//! The first text of a reply is sent at once; later text is coalesced.
+//!
 //! - 429, 5xx, connection errors, a stream cut before `[DONE]`, a malformed line and a stall
 //!   (no token within the first-token timeout) are retried with backoff, waiting at least what a
 //!   `Retry-After` asks (bounded); another 4xx (bad key, unknown model) fails the run with the
@@ -247,6 +249,7 @@ async fn generate(
     let mut pending_since: Option<Instant> = None;
     let mut finish_reason = None;
     let mut usage = None;
+    let mut flushed_any = false;
     let mut deadline = Instant::now() + settings.first_token_timeout;
     loop {
         let flush_at = pending_since.map(|t| t + settings.flush_interval);
@@ -290,7 +293,10 @@ async fn generate(
                         }
                     }
                 }
-                if pending.len() >= settings.flush_bytes {
+                // the first text goes out at once (what a reader waits for most), the rest
+                // coalesced
+                if pending.len() >= settings.flush_bytes || (!pending.is_empty() && !flushed_any) {
+                    flushed_any = true;
                     flush(&ctx, &mut pending, &mut pending_since).await;
                 }
             }
