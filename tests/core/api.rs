@@ -274,3 +274,38 @@ async fn two_identical_posts_with_one_id_at_once_both_succeed() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["id"], "same");
 }
+
+#[tokio::test]
+async fn an_http_enqueue_may_ask_to_replace_its_keys_work() {
+    let db = TestDb::new().await;
+    let base = serve(&db, None).await;
+    let (s, _) = post(
+        &base,
+        "/v1/runs",
+        r#"{"id": "old", "workflow": "noop", "concurrency_key": "k"}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, b) = post(
+        &base,
+        "/v1/runs",
+        r#"{"id": "new", "workflow": "noop", "concurrency_key": "k", "key_policy": "replace"}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let (_, old) = get(&base, "/v1/runs/old").await;
+    assert_eq!(
+        (old["status"].as_str(), old["error"]["code"].as_str()),
+        (Some("cancelled"), Some("replaced"))
+    );
+    let (s, b) = post(
+        &base,
+        "/v1/runs",
+        r#"{"workflow": "noop", "concurrency_key": "k", "key_policy": "evict"}"#,
+    )
+    .await;
+    assert_eq!(
+        (s, code(&b)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_key_policy")
+    );
+}
