@@ -106,7 +106,7 @@ async fn claim_and_complete(db: &Db, n: i64) -> Result<f64> {
                 .prepare(
                     "with c as (
                         select id from spool.runs
-                         where status = 'queued' and run_at <= now()
+                         where status = 'queued' and key_ready and run_at <= now()
                          order by priority, run_at, enqueue_seq
                          limit $1
                          for update skip locked)

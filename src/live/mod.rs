@@ -17,6 +17,7 @@
 
 pub mod attach;
 pub mod feed;
+mod parts;
 pub mod publisher;
 
 use std::sync::Arc;
