@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `just test`: start a private PostgreSQL under target/ (and make sure nats-server and the npm
-# `eventsource` client are installed; the live-output tests start private nats-servers), migrate a
+# `eventsource` client, axe-core and Chromium are installed; the live-output tests start private nats-servers), migrate a
 # template database, run the whole suite, clean up.
 # Every test clones its own database from the template, so nothing leaks between tests.
 set -euo pipefail
@@ -33,16 +33,32 @@ if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   echo "node >= 20 and npm are needed for the attach wire tests (apt-get install nodejs npm)" >&2
   exit 1
 fi
-if [ "$(node -p "try { require('$SPOOL_TEST_SSE_CLIENTS/node_modules/eventsource/package.json').version } catch { '' }")" != "$eventsource_version" ]; then
+# the web view's accessibility is checked by axe-core (npm), injected into the page under test
+axe_version=4.10.3
+npm_version() { node -p "try { require('$SPOOL_TEST_SSE_CLIENTS/node_modules/$1/package.json').version } catch { '' }"; }
+if [ "$(npm_version eventsource)" != "$eventsource_version" ] || [ "$(npm_version axe-core)" != "$axe_version" ]; then
   mkdir -p "$SPOOL_TEST_SSE_CLIENTS"
-  npm install --silent --no-audit --no-fund --prefix "$SPOOL_TEST_SSE_CLIENTS" "eventsource@$eventsource_version" >&2
+  npm install --silent --no-audit --no-fund --prefix "$SPOOL_TEST_SSE_CLIENTS" \
+    "eventsource@$eventsource_version" "axe-core@$axe_version" >&2
+fi
+# the web view is tested in Debian's Chromium, headless (no browser download)
+SPOOL_TEST_CHROMIUM=${SPOOL_TEST_CHROMIUM:-$(command -v chromium || true)}
+if [ -z "$SPOOL_TEST_CHROMIUM" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "installing Chromium (Debian package) for the web view tests..." >&2
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >&2
+  SPOOL_TEST_CHROMIUM=$(command -v chromium)
+fi
+if [ -z "$SPOOL_TEST_CHROMIUM" ]; then
+  echo "Chromium is needed for the web view tests (apt-get install chromium)" >&2
+  exit 1
 fi
 # the Kubernetes examples are checked against the Kubernetes schemas by a validator from PyPI
 if ! command -v kubernetes-validate >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate >&2
 fi
 kubernetes-validate --quiet deploy/kubernetes/*.yaml >&2
-export SPOOL_TEST_PG="$base" SPOOL_TEST_TEMPLATE=spool_template SPOOL_TEST_NATS_SERVER SPOOL_TEST_SSE_CLIENTS
+export SPOOL_TEST_PG="$base" SPOOL_TEST_TEMPLATE=spool_template SPOOL_TEST_NATS_SERVER SPOOL_TEST_SSE_CLIENTS SPOOL_TEST_CHROMIUM
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast --test-threads 4 "$@"
 else

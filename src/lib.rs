@@ -14,6 +14,7 @@
 //! - [`executor`]: executor identity, the claim loop, recovery, shutdown.
 //! - [`live`]: live output — the JetStream chunk publisher and the attach protocol.
 //! - [`api`]: the HTTP API, including the SSE attach endpoint.
+//! - [`ui`]: the web view (embedded assets) and its session cookie.
 //! - [`serve`]: wires the above into `spool serve`.
 //! - [`cli`]: the `spool` command line; [`sse_client`]: the attach client it uses.
 
@@ -28,6 +29,7 @@ pub mod llm;
 pub mod migrate;
 pub mod serve;
 pub mod sse_client;
+pub mod ui;
 pub mod validate;
 pub mod workflow;
 

@@ -14,12 +14,13 @@
 //!   (curl, SDKs, servers) are not cross-site requests and pass.
 //! - With `SPOOL_API_TOKEN`, `/v1` and `/metrics` need `Authorization: Bearer <token>` (the scheme
 //!   in any case); the token is compared as SHA-256 digests in constant time, so neither its
-//!   content nor its length leaks through timing.
+//!   content nor its length leaks through timing. The web view's session cookie (see `ui`) is
+//!   accepted instead; with it, a request other than GET or HEAD must carry `Origin`.
 
 use std::net::SocketAddr;
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
@@ -215,10 +216,24 @@ pub async fn require_token(
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token.trim())
             .unwrap_or("");
-        let given = Sha256::digest(given.as_bytes());
-        let expected = Sha256::digest(expected.as_bytes());
-        if !bool::from(given.ct_eq(&expected)) {
-            return ApiError::unauthorized().into_response();
+        let bearer_ok = bool::from(
+            Sha256::digest(given.as_bytes()).ct_eq(&Sha256::digest(expected.as_bytes())),
+        );
+        if !bearer_ok {
+            if !crate::ui::has_session(expected, request.headers()) {
+                return ApiError::unauthorized().into_response();
+            }
+            // the web view's session cookie: a request that changes something must also show
+            // where it comes from (`checks` has already refused a foreign `Origin`)
+            let safe = matches!(request.method(), &Method::GET | &Method::HEAD);
+            if !safe && request.headers().get(header::ORIGIN).is_none() {
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "origin_required",
+                    "a request authenticated by the session cookie must carry Origin",
+                )
+                .into_response();
+            }
         }
     }
     next.run(request).await

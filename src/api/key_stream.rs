@@ -34,6 +34,8 @@ const NEXT_RUN_POLL: Duration = Duration::from_millis(500);
 #[serde(deny_unknown_fields)]
 pub struct KeyQuery {
     queue: Option<String>,
+    /// Resumes like `Last-Event-ID` (for a client that cannot set headers).
+    last_event_id: Option<String>,
 }
 
 /// A resumable position: the run (`enqueue_seq`) and the stream id within it.
@@ -56,9 +58,13 @@ pub async fn attach_key(
     let queue = q.queue.unwrap_or_else(|| "default".into());
     crate::validate::name("queue", &queue)
         .map_err(|m| ApiError::bad_request("invalid_queue", m))?;
-    let resume = match headers.get("last-event-id") {
+    let given = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or(""))
+        .or(q.last_event_id.as_deref());
+    let resume = match given {
         None => None,
-        Some(v) => Some(parse_id(v.to_str().unwrap_or("")).ok_or_else(|| {
+        Some(v) => Some(parse_id(v).ok_or_else(|| {
             ApiError::bad_request(
                 "invalid_last_event_id",
                 "Last-Event-ID must be an event id of a key stream: {enqueue_seq}.{id}",

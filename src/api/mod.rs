@@ -6,6 +6,7 @@
 pub mod edge;
 mod error;
 mod key_stream;
+mod overview;
 mod runs;
 pub mod server;
 pub mod slow_clients;
@@ -56,6 +57,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/runs/{id}/cancel", post(runs::cancel))
         .route("/v1/runs/{id}/stream", get(stream::attach))
         .route("/v1/keys/{key}/stream", get(key_stream::attach_key))
+        .route("/v1/counts", get(overview::counts))
+        .route("/v1/executors", get(overview::executors))
+        .route("/v1/queues", get(overview::queues))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -66,6 +70,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(v1)
+        .merge(crate::ui::routes(state.clone()))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(state.max_body_bytes))
         .with_state(state)

@@ -222,6 +222,8 @@ pub struct ListQuery {
     workflow: Option<String>,
     queue: Option<String>,
     concurrency_key: Option<String>,
+    /// Runs whose id starts with this.
+    id_prefix: Option<String>,
     limit: Option<i64>,
     cursor: Option<String>,
     /// Comma-separated: `input`, `output`, `error` in full whatever their size.
@@ -289,6 +291,7 @@ pub async fn list(
         workflow: q.workflow,
         queue: q.queue,
         concurrency_key: q.concurrency_key,
+        id_prefix: q.id_prefix.filter(|p| !p.is_empty()),
         before_seq,
         limit,
         include,

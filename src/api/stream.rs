@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -124,15 +124,30 @@ impl Drop for AttachGuard {
     }
 }
 
+/// Query of the attach endpoints: `last_event_id` resumes like the `Last-Event-ID` header, for a
+/// client that cannot set headers on its first request (a browser's `EventSource` after a page
+/// reload).
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct AttachQuery {
+    pub last_event_id: Option<String>,
+}
+
 pub async fn attach(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    query: Result<Query<AttachQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     crate::validate::run_id(&id).map_err(|m| ApiError::bad_request("invalid_id", m))?;
-    let after = match headers.get("last-event-id") {
+    // the header wins: a browser's EventSource sends it when it reconnects by itself
+    let given = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or(""))
+        .or(q.last_event_id.as_deref());
+    let after = match given {
         None => 0,
-        Some(v) => last_event_id(v.to_str().unwrap_or("")).ok_or_else(|| {
+        Some(v) => last_event_id(v).ok_or_else(|| {
             ApiError::bad_request(
                 "invalid_last_event_id",
                 "Last-Event-ID must be an event id from this stream (0 to 9223372036854775807)",

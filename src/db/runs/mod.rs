@@ -238,6 +238,8 @@ pub struct RunFilter {
     pub workflow: Option<String>,
     pub queue: Option<String>,
     pub concurrency_key: Option<String>,
+    /// Runs whose id starts with this.
+    pub id_prefix: Option<String>,
     pub before_seq: Option<i64>,
     pub limit: i64,
     /// `input`, `output`, `error` in full whatever their size (otherwise only up to
@@ -270,6 +272,7 @@ pub async fn list_runs(client: &impl Conn, f: &RunFilter) -> Result<(Vec<Listed>
               and ($3::text is null or r.queue = $3)
               and ($4::text is null or r.concurrency_key = $4)
               and ($5::int8 is null or r.enqueue_seq < $5)
+              and ($12::text is null or starts_with(r.id, $12))
             order by r.enqueue_seq desc
             limit $6
          ), sized as (
@@ -312,6 +315,7 @@ pub async fn list_runs(client: &impl Conn, f: &RunFilter) -> Result<(Vec<Listed>
                 &f.include[2],
                 &f.inline_max,
                 &f.max_bytes,
+                &f.id_prefix,
             ],
         )
         .await
