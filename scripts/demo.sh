@@ -223,6 +223,7 @@ start_executor spool-2
 wait_alive spool-1
 wait_alive spool-2
 sql -c "$liveness_query"
+say "The web view (runs, live output, conversations, executors) is at http://127.0.0.1:${port[spool-1]}/ while the demo runs."
 
 header "3. Enqueue ticker runs"
 t0=$SECONDS

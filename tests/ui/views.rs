@@ -87,9 +87,28 @@ async fn the_runs_list_shows_runs_enqueued_by_sql_with_counts_filters_and_live_r
     .await;
     listed(&page, &["sql-t", "sql-b", "sql-a"]).await;
 
+    // paging: 50 runs a page, newest first; "Older" continues where the page ended
+    db.exec("insert into spool.runs (id, workflow) select 'page-' || i, 'nobody.runs.this' from generate_series(1, 50) i").await;
+    let _: Value = eval(&page, "location.hash = '#/runs'; true").await;
+    wait_js(
+        &page,
+        "a full first page",
+        &format!("{LISTED}.length === 50 && {LISTED}[0] === 'page-50'"),
+    )
+    .await;
+    let _: Value = eval(&page, "[...document.querySelectorAll('.pager a')].find(a => a.textContent.startsWith('Older')).click(); true").await;
+    listed(&page, &["sql-late", "sql-x", "sql-t", "sql-b", "sql-a"]).await;
+    let _: Value = eval(&page, "[...document.querySelectorAll('.pager a')].find(a => a.textContent.includes('Newest')).click(); true").await;
+    wait_js(
+        &page,
+        "the first page again",
+        &format!("{LISTED}[0] === 'page-50'"),
+    )
+    .await;
+
     // a phone-width screen: nothing wider than the screen but the scrollable table itself
     phone_width(&page).await;
-    let _: Value = eval(&page, "location.hash = '#/runs'; true").await;
+    let _: Value = eval(&page, "location.hash = '#/runs?id_prefix=sql-'; true").await;
     listed(&page, &["sql-late", "sql-x", "sql-t", "sql-b", "sql-a"]).await;
     let fits: bool = eval(
         &page,
