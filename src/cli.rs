@@ -145,7 +145,10 @@ pub enum RunsCommand {
 /// Parses arguments and runs the command with `registry` as the executor's workflows.
 pub async fn main_with(registry: Registry) -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    if let Err(e) = init_tracing() {
+        eprintln!("spool: {e}");
+        return ExitCode::from(2);
+    }
     match run(cli, registry).await {
         Ok(code) => code,
         Err(e) => {
@@ -155,14 +158,31 @@ pub async fn main_with(registry: Registry) -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// Logs go to stderr: as text for people (the default), or with `SPOOL_LOG_FORMAT=json` one JSON
+/// object per line for log pipelines: `timestamp`, `level`, `target`, the event's fields at the
+/// top level (`message`, `error`, …) and `spans`, the enclosing spans' fields, outermost first —
+/// `executor` (`executor_id`, `incarnation`) and `run` (`run_id`, `epoch`, `workflow`) where
+/// they apply.
+fn init_tracing() -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,refinery_core=warn"));
-    let _ = tracing_subscriber::fmt()
+    let format = std::env::var("SPOOL_LOG_FORMAT").unwrap_or_default();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format.trim() {
+        "" | "text" => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        "json" => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .try_init(),
+        other => return Err(format!("SPOOL_LOG_FORMAT={other:?}: expected text or json")),
+    };
+    Ok(())
 }
 
 async fn run(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {

@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::db::runs::{self, Claimant, Run};
 use crate::db::{DbError, PgTarget};
@@ -227,7 +228,9 @@ pub async fn start(
         isolation: probation::Isolation::default(),
         _write_tasks: write_tasks.map(AbortOnDrop),
     };
-    let task = tokio::spawn(control.run(stop.clone()));
+    // every log line of this executor (and of its runs, whose spans are children) names it
+    let span = tracing::info_span!("executor", executor_id = %settings.executor_id, incarnation);
+    let task = tokio::spawn(control.run(stop.clone()).instrument(span));
     Ok(RunningExecutor {
         executor_id: settings.executor_id,
         incarnation,
@@ -429,10 +432,14 @@ impl ControlLoop {
         let task_id = id.clone();
         let cancel = CancellationToken::new();
         let run_cancel = cancel.clone();
-        let handle = self.tasks.spawn(async move {
-            runner::execute(run, deps, run_cancel).await;
-            task_id
-        });
+        let span = tracing::info_span!("run", run_id = %id, epoch, workflow = %run.workflow);
+        let handle = self.tasks.spawn(
+            async move {
+                runner::execute(run, deps, run_cancel).await;
+                task_id
+            }
+            .instrument(span),
+        );
         self.in_flight.insert(id, (epoch, handle, cancel));
         self.deps
             .metrics

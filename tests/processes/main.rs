@@ -9,6 +9,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
+mod logs;
+
 use common::process::{Binary, SpoolProcess};
 use common::{steps_done, wait_steps, wait_terminal, wait_until, TestDb};
 
