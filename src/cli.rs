@@ -26,7 +26,7 @@ pub enum Command {
     /// Run an executor and the HTTP API (migrates first).
     Serve(Box<ServeArgs>),
     /// Apply the schema migrations and exit.
-    Migrate(DbArgs),
+    Migrate(MigrateArgs),
     /// Enqueue a run; prints its id.
     Enqueue(EnqueueArgs),
     /// Inspect and cancel runs.
@@ -79,6 +79,19 @@ pub struct DbArgs {
     /// PostgreSQL URL (sslmode honoured).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// How long (ms) to wait for another session holding the migration lock.
+    #[arg(
+        long,
+        env = "SPOOL_MIGRATION_LOCK_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
+    pub lock_timeout_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -194,9 +207,10 @@ async fn run(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
         Command::MockLlm(args) => {
             crate::llm::mock::serve(args.listen, args.api_key).await?;
         }
-        Command::Migrate(db) => {
-            let target = PgTarget::parse(&db.database_url)?;
-            let applied = crate::migrate::migrate(&target).await?;
+        Command::Migrate(args) => {
+            let target = PgTarget::parse(&args.db.database_url)?;
+            let timeout = std::time::Duration::from_millis(args.lock_timeout_ms);
+            let applied = crate::migrate::migrate(&target, timeout).await?;
             println!("migrations applied: {applied:?}");
         }
         Command::Enqueue(args) => {

@@ -160,6 +160,18 @@ pub struct ServeArgs {
     /// Only execute runs; no HTTP API.
     #[arg(long)]
     pub worker_only: bool,
+    /// Never migrate: wait (up to SPOOL_MIGRATION_LOCK_TIMEOUT_MS) for the schema to be current,
+    /// for roles that may only read and write rows.
+    #[arg(long, env = "SPOOL_NO_MIGRATE")]
+    pub no_migrate: bool,
+    /// How long (ms) to wait for another session's migration (or, with --no-migrate, for the
+    /// schema to become current) before giving up.
+    #[arg(
+        long,
+        env = "SPOOL_MIGRATION_LOCK_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
+    pub migration_lock_timeout_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +222,9 @@ pub struct Config {
     pub executor: ExecutorSettings,
     /// True when the executor id was generated (not stable across restarts).
     pub generated_executor_id: bool,
+    /// Never migrate; wait for the schema to be current (`--no-migrate`).
+    pub no_migrate: bool,
+    pub migration_lock_timeout: Duration,
 }
 
 /// Tokens that appear in examples and defaults: a server set up with one is not protected.
@@ -364,6 +379,8 @@ impl Config {
             run_executor: !args.api_only,
             executor,
             generated_executor_id,
+            no_migrate: args.no_migrate,
+            migration_lock_timeout: Duration::from_millis(args.migration_lock_timeout_ms),
         })
     }
 }

@@ -48,7 +48,12 @@ pub async fn serve(
             "no SPOOL_EXECUTOR_ID or POD_NAME: using a generated id; runs this process owns when it dies are only recovered by a process with the same id"
         );
     }
-    let applied = migrate::migrate(&config.database).await?;
+    let applied = migrate::ensure_current(
+        &config.database,
+        config.no_migrate,
+        config.migration_lock_timeout,
+    )
+    .await?;
     if !applied.is_empty() {
         tracing::info!(?applied, "migrations applied");
     }

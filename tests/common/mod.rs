@@ -64,8 +64,18 @@ impl TestDb {
         }
     }
 
+    /// A new database on the suite's server with nothing in it (not migrated).
+    pub async fn empty() -> Self {
+        let base = std::env::var("SPOOL_TEST_PG").expect("SPOOL_TEST_PG: run with `just test`");
+        Self::create(&base, false).await
+    }
+
     /// A new, migrated database on another server (a private cluster a test restarts).
     pub async fn on_server(base: &str) -> Self {
+        Self::create(base, true).await
+    }
+
+    async fn create(base: &str, migrate: bool) -> Self {
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
         let admin = PgTarget::parse(&format!("{base}/postgres?sslmode=disable")).unwrap();
         let conn = db::connect_dedicated(&admin, "spool-test-admin", None)
@@ -77,7 +87,11 @@ impl TestDb {
             .unwrap();
         let url = format!("{base}/{name}?sslmode=disable");
         let target = PgTarget::parse(&url).unwrap();
-        spool::migrate::migrate(&target).await.unwrap();
+        if migrate {
+            spool::migrate::migrate(&target, Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
         let pool = db::pool(&target, 24, "spool-test");
         Self {
             name,

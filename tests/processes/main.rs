@@ -10,6 +10,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 
 mod logs;
+mod roles;
 
 use common::process::{Binary, SpoolProcess};
 use common::{steps_done, wait_steps, wait_terminal, wait_until, TestDb};
