@@ -53,11 +53,11 @@ if [ -z "$SPOOL_TEST_CHROMIUM" ]; then
   echo "Chromium is needed for the web view tests (apt-get install chromium)" >&2
   exit 1
 fi
-# the Kubernetes examples are checked against the Kubernetes schemas by a validator from PyPI
+# the Kubernetes manifests are checked against the Kubernetes schemas by a validator from PyPI
+# (tests/core/deploy.rs)
 if ! command -v kubernetes-validate >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate >&2
 fi
-kubernetes-validate --quiet deploy/kubernetes/*.yaml >&2
 export SPOOL_TEST_PG="$base" SPOOL_TEST_TEMPLATE=spool_template SPOOL_TEST_NATS_SERVER SPOOL_TEST_SSE_CLIENTS SPOOL_TEST_CHROMIUM
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast --test-threads 4 "$@"

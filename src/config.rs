@@ -35,6 +35,10 @@ pub struct ServeArgs {
     /// How long live output is kept in JetStream, in seconds.
     #[arg(long, env = "SPOOL_CHUNK_MAX_AGE_SECS", default_value_t = 86_400)]
     pub chunk_max_age_secs: u64,
+    /// Copies of the live-output stream JetStream keeps (1, 3 or 5; more than 1 needs a NATS
+    /// cluster). Applied when the stream is created or updated.
+    #[arg(long, env = "SPOOL_NATS_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_replicas: u8,
     /// Live-output publishes awaiting their JetStream ack, per run attempt, before the publisher
     /// waits for the oldest.
     #[arg(long, env = "SPOOL_NATS_ACK_WINDOW", default_value_t = 512)]
@@ -356,6 +360,7 @@ impl Config {
             l.subject_prefix = args.nats_subject_prefix;
             l.max_age = Duration::from_secs(args.chunk_max_age_secs.max(1));
             l.ack_window = args.nats_ack_window.max(1);
+            l.replicas = usize::from(args.nats_replicas);
             l
         });
         Ok(Self {

@@ -125,6 +125,8 @@ pub struct LiveSettings {
     pub ack_window: usize,
     /// How long one NATS operation may take before the publisher treats NATS as unavailable.
     pub op_timeout: Duration,
+    /// Copies of the stream JetStream keeps (`SPOOL_NATS_REPLICAS`).
+    pub replicas: usize,
 }
 
 impl LiveSettings {
@@ -136,6 +138,7 @@ impl LiveSettings {
             max_age: Duration::from_secs(24 * 3600),
             duplicate_window: Duration::from_secs(120),
             ack_window: 512,
+            replicas: 1,
             op_timeout: Duration::from_secs(2),
         }
     }
@@ -302,6 +305,7 @@ impl LiveOutput {
                     max_age: s.max_age,
                     duplicate_window: s.duplicate_window.min(s.max_age),
                     allow_direct: true,
+                    num_replicas: s.replicas,
                     ..Default::default()
                 };
                 let op = async {

@@ -6,6 +6,7 @@ mod common;
 mod api;
 mod batch_isolation;
 mod claim;
+mod deploy;
 mod edge;
 mod fencing;
 mod hostile_rows;
