@@ -164,6 +164,13 @@ pub struct ServeArgs {
     /// Only execute runs; no HTTP API.
     #[arg(long)]
     pub worker_only: bool,
+    /// Finished runs (and their steps) are deleted this long after they finished: `7d`, `12h`,
+    /// `90m`, … or `off`. A queue's row in `spool.queue_retention` overrides it.
+    #[arg(long, env = "SPOOL_RETENTION", default_value = "7d")]
+    pub retention: String,
+    /// How often (ms) each executor asks for the maintenance lease (retention, database metrics).
+    #[arg(long, env = "SPOOL_MAINTENANCE_INTERVAL_MS", default_value_t = 10_000)]
+    pub maintenance_interval_ms: u64,
     /// Never migrate: wait (up to SPOOL_MIGRATION_LOCK_TIMEOUT_MS) for the schema to be current,
     /// for roles that may only read and write rows.
     #[arg(long, env = "SPOOL_NO_MIGRATE")]
@@ -182,6 +189,8 @@ pub struct ServeArgs {
 pub enum ConfigError {
     #[error("SPOOL_ENV=production requires a stable SPOOL_EXECUTOR_ID (or POD_NAME): a random id per boot strands in-flight runs forever")]
     MissingExecutorId,
+    #[error("SPOOL_RETENTION={0:?}: expected a duration such as 7d, 12h or 90m, or off")]
+    BadRetention(String),
     #[error("invalid executor id {0:?}: use 1-128 letters, digits, '-', '_', ':' or '.'")]
     BadExecutorId(String),
     #[error("refusing to listen on {0} without SPOOL_API_TOKEN; set a token or pass --allow-unauthenticated")]
@@ -229,6 +238,18 @@ pub struct Config {
     /// Never migrate; wait for the schema to be current (`--no-migrate`).
     pub no_migrate: bool,
     pub migration_lock_timeout: Duration,
+}
+
+/// `SPOOL_RETENTION`: a duration (`7d`, `36h`, `90m`, `1h 30m`) or `off`.
+fn parse_retention(value: &str) -> Result<Option<Duration>, ConfigError> {
+    let value = value.trim();
+    if value.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    match humantime::parse_duration(value) {
+        Ok(d) if !d.is_zero() => Ok(Some(d)),
+        _ => Err(ConfigError::BadRetention(value.to_string())),
+    }
 }
 
 /// Tokens that appear in examples and defaults: a server set up with one is not protected.
@@ -354,6 +375,8 @@ impl Config {
         }
         executor.lease = Duration::from_millis(args.lease_ms);
         executor.takeover_after = Duration::from_millis(args.takeover_after_ms);
+        executor.retention = parse_retention(&args.retention)?;
+        executor.maintenance_interval = Duration::from_millis(args.maintenance_interval_ms.max(10));
         let live = args.nats_url.filter(|u| !u.is_empty()).map(|url| {
             let mut l = LiveSettings::new(url);
             l.stream = args.nats_stream;
@@ -406,5 +429,20 @@ mod token_tests {
             assert!(check_token(bad).is_err(), "{bad:?}");
         }
         assert!(check_token("0123456789abcdef0123456789abcdef").is_ok());
+    }
+}
+
+#[cfg(test)]
+mod retention_tests {
+    use super::*;
+
+    #[test]
+    fn retention_is_a_duration_or_off() {
+        assert_eq!(parse_retention("7d").unwrap(), Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_retention("1h 30m").unwrap(), Some(Duration::from_secs(5_400)));
+        assert_eq!(parse_retention(" OFF ").unwrap(), None);
+        for bad in ["", "0s", "seven days", "-1d"] {
+            assert!(parse_retention(bad).is_err(), "{bad:?}");
+        }
     }
 }

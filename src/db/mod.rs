@@ -7,6 +7,7 @@
 //! statements.
 
 pub mod executors;
+pub mod maintenance;
 pub mod overview;
 pub mod runs;
 pub mod steps;

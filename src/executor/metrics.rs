@@ -28,6 +28,8 @@ pub struct Metrics {
     pub connections_evicted: AtomicU64,
     /// Connections refused at the cap (every connection was serving a request).
     pub connections_refused: AtomicU64,
+    /// Finished runs deleted by retention from this process.
+    pub purged: AtomicU64,
 }
 
 impl Metrics {
@@ -77,6 +79,11 @@ impl Metrics {
                 "spool_runs_dead_total",
                 "Runs that ended dead here",
                 &self.dead,
+            ),
+            (
+                "spool_runs_purged_total",
+                "Finished runs deleted by retention from this process",
+                &self.purged,
             ),
             (
                 "spool_runs_lost_total",

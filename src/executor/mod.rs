@@ -12,6 +12,7 @@
 pub mod batcher;
 pub mod identity;
 pub mod lease;
+mod maintenance;
 pub mod metrics;
 pub mod probation;
 pub mod runner;
@@ -69,6 +70,11 @@ pub struct ExecutorSettings {
     /// Runs of an executor dead (lease expired) this long are adopted by live executors; zero
     /// keeps this executor's runs for its own id and makes it adopt nobody's.
     pub takeover_after: Duration,
+    /// Finished runs are deleted this long after they finished (per-queue overrides in
+    /// `spool.queue_retention`); `None` keeps them (see [`maintenance`]).
+    pub retention: Option<Duration>,
+    /// How often this executor asks for the maintenance leases.
+    pub maintenance_interval: Duration,
 }
 
 impl ExecutorSettings {
@@ -87,6 +93,8 @@ impl ExecutorSettings {
             key_sweep_interval: Duration::from_secs(1),
             lease: Duration::from_secs(10),
             takeover_after: Duration::from_secs(30),
+            retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            maintenance_interval: Duration::from_secs(10),
         }
     }
 }
@@ -272,6 +280,16 @@ impl ControlLoop {
             cancels,
             listener_stop.clone(),
         )));
+        let _maintenance = AbortOnDrop(tokio::spawn(
+            maintenance::Maintenance {
+                pool: self.pool.clone(),
+                executor_id: self.settings.executor_id.clone(),
+                retention: self.settings.retention,
+                interval: self.settings.maintenance_interval,
+                metrics: self.deps.metrics.clone(),
+            }
+            .run(listener_stop.clone()),
+        ));
         let mut next_poll = Instant::now();
         let mut next_recovery = Instant::now();
         let mut next_key_sweep = Instant::now() + jittered(self.settings.key_sweep_interval);

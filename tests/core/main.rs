@@ -14,4 +14,5 @@ mod lease;
 mod list;
 mod per_key;
 mod replay;
+mod retention;
 mod schema;
