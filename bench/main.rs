@@ -21,6 +21,7 @@ mod recovery;
 #[allow(dead_code)] // the bench uses only the black hole
 mod relay;
 mod report;
+mod retention;
 mod scale;
 mod sse;
 mod throughput;
@@ -39,10 +40,11 @@ use harness::{Bench, SpoolSettings};
 use node_death::NodeDeathParams;
 use recovery::RecoveryParams;
 use report::Row;
+use retention::RetentionParams;
 use throughput::ThroughputParams;
 
 /// Sections, in the order they run (the table is ordered by figure number).
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "ceiling",
     "noop",
     "enqueue",
@@ -54,6 +56,7 @@ const SECTIONS: [&str; 11] = [
     "nodedeath",
     "scale",
     "chat",
+    "retention",
 ];
 
 #[derive(Debug, Parser)]
@@ -80,7 +83,7 @@ struct Args {
     #[arg(long, env = "BENCH_COMMIT")]
     commit: Option<String>,
     /// Comma-separated sections to run (default: all): ceiling, noop, enqueue, steps, latency,
-    /// memory, chunks, recovery, nodedeath, scale, chat.
+    /// memory, chunks, recovery, nodedeath, scale, chat, retention.
     #[arg(long, env = "BENCH_ONLY", value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// SPOOL_CONCURRENCY of the executors.
@@ -137,6 +140,14 @@ struct Args {
     /// Trials of each node-death figure (black-holed executor, short lease).
     #[arg(long, env = "BENCH_NODE_DEATH_TRIALS", default_value_t = 20)]
     node_death_trials: usize,
+    /// Old finished runs deleted by retention beside a drain (section 12).
+    #[arg(long, env = "BENCH_RETENTION_BACKLOG", default_value_t = 1_000_000)]
+    retention_backlog: i64,
+    /// Length of the retention soak in seconds, and no-op runs per soak round.
+    #[arg(long, env = "BENCH_SOAK_SECS", default_value_t = 180)]
+    soak_secs: u64,
+    #[arg(long, env = "BENCH_SOAK_RUNS", default_value_t = 10_000)]
+    soak_runs: i64,
     /// Also run one node death at the default lease and takeover delay (about 45 s).
     #[arg(long, env = "BENCH_NODE_DEATH_DEFAULTS", default_value_t = true, action = clap::ArgAction::Set)]
     node_death_defaults: bool,
@@ -273,6 +284,15 @@ async fn run(args: &Args) -> Vec<Row> {
             "memory" => memory::measure(&bench).await,
             "scale" => scale::measure(&bench).await,
             "chat" => chat::measure(&bench).await,
+            "retention" => {
+                let p = RetentionParams {
+                    backlog: args.retention_backlog,
+                    drain_runs: args.noop_runs,
+                    soak_secs: args.soak_secs,
+                    soak_runs: args.soak_runs,
+                };
+                retention::measure(&bench, &p).await
+            }
             "nodedeath" => {
                 let p = NodeDeathParams {
                     trials: args.node_death_trials,

@@ -35,18 +35,21 @@ create index runs_finished_idx on spool.runs (finished_at) where finished_at is 
 -- anyone else. Returns how many it deleted.
 create function spool.purge_finished_batch(default_retention interval, max_runs int) returns int
 language sql as $$
-    with doomed as (
-        select r.id from spool.runs r
-         where r.finished_at < now() - least(default_retention,
-                                             coalesce((select min(q.retention) from spool.queue_retention q),
-                                                      default_retention))
-           and r.finished_at < now() - coalesce((select q.retention from spool.queue_retention q
-                                                  where q.queue = r.queue), default_retention)
-         order by r.finished_at
-         limit max_runs
-           for update skip locked
-    ), gone as (
-        delete from spool.runs r using doomed d where r.id = d.id returning 1
+    -- the ids as an array: the delete then probes the primary key for each, whatever the
+    -- planner guesses about how many there are
+    with gone as (
+        delete from spool.runs r
+         where r.id = any (array(
+                   select o.id from spool.runs o
+                    where o.finished_at < now() - least(default_retention,
+                                                        coalesce((select min(q.retention) from spool.queue_retention q),
+                                                                 default_retention))
+                      and o.finished_at < now() - coalesce((select q.retention from spool.queue_retention q
+                                                             where q.queue = o.queue), default_retention)
+                    order by o.finished_at
+                    limit max_runs
+                      for update skip locked))
+        returning 1
     )
     select count(*)::int from gone;
 $$;
@@ -65,14 +68,15 @@ declare
 begin
     purged := coalesce(purged, 0);
     loop
-        with doomed as (
-            select r.id from spool.runs r
-             where r.finished_at < now() - older_than
-             order by r.finished_at
-             limit batch_size
-               for update skip locked
-        ), gone as (
-            delete from spool.runs r using doomed d where r.id = d.id returning 1
+        with gone as (
+            delete from spool.runs r
+             where r.id = any (array(
+                       select o.id from spool.runs o
+                        where o.finished_at < now() - older_than
+                        order by o.finished_at
+                        limit batch_size
+                          for update skip locked))
+            returning 1
         )
         select count(*) into n from gone;
         purged := purged + n;

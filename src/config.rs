@@ -438,8 +438,14 @@ mod retention_tests {
 
     #[test]
     fn retention_is_a_duration_or_off() {
-        assert_eq!(parse_retention("7d").unwrap(), Some(Duration::from_secs(7 * 86_400)));
-        assert_eq!(parse_retention("1h 30m").unwrap(), Some(Duration::from_secs(5_400)));
+        assert_eq!(
+            parse_retention("7d").unwrap(),
+            Some(Duration::from_secs(7 * 86_400))
+        );
+        assert_eq!(
+            parse_retention("1h 30m").unwrap(),
+            Some(Duration::from_secs(5_400))
+        );
         assert_eq!(parse_retention(" OFF ").unwrap(), None);
         for bad in ["", "0s", "seven days", "-1d"] {
             assert!(parse_retention(bad).is_err(), "{bad:?}");

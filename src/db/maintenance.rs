@@ -50,3 +50,17 @@ pub async fn purge_finished_batch(
         .map_err(DbError::from_pg)?;
     Ok(row.get(0))
 }
+
+/// Whether any run is executing anywhere (the partial index of running runs answers it).
+pub async fn any_running(client: &impl Conn) -> Result<bool, DbError> {
+    let stmt = client
+        .stmt("select exists (select 1 from spool.runs where status = 'running')")
+        .await
+        .map_err(DbError::from_pg)?;
+    let row = client
+        .pg()
+        .query_one(&stmt, &[])
+        .await
+        .map_err(DbError::from_pg)?;
+    Ok(row.get(0))
+}
