@@ -14,3 +14,4 @@ mod list;
 mod per_key;
 mod replay;
 mod schema;
+mod tls;

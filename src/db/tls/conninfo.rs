@@ -137,7 +137,9 @@ fn split_uri(s: &str) -> Result<Split, TlsError> {
         return Ok(split);
     };
     let mut kept = Vec::new();
-    for param in s[q + 1..].split('&') {
+    // a trailing `&` ends the query (libpq stops there); an empty parameter elsewhere is an error
+    let query = s[q + 1..].strip_suffix('&').unwrap_or(&s[q + 1..]);
+    for param in query.split('&').filter(|_| !query.is_empty()) {
         let Some((key, value)) = param.split_once('=') else {
             return Err(TlsError::BadUrl(format!(
                 "missing key/value separator \"=\" in URI query parameter: \"{param}\""
@@ -271,6 +273,12 @@ mod tests {
         assert_eq!(s.rest, "postgresql://h/db");
         let s = split("postgres://h/db?ssl=true").unwrap();
         assert_eq!(s.sslmode.as_deref(), Some("require"));
+        let s = split("postgres://h/db?sslmode=require&").unwrap();
+        assert_eq!(
+            (s.sslmode.as_deref(), s.rest.as_str()),
+            (Some("require"), "postgres://h/db")
+        );
+        assert_eq!(split("postgres://h/db?").unwrap().rest, "postgres://h/db");
         let s = split("postgres://h/db").unwrap();
         assert_eq!((s.sslmode, s.rest.as_str()), (None, "postgres://h/db"));
     }
@@ -285,6 +293,7 @@ mod tests {
     #[test]
     fn malformed_uri_parameters_are_refused() {
         assert!(split("postgres://h/db?sslmode").is_err());
+        assert!(split("postgres://h/db?sslmode=require&&a=b").is_err());
         assert!(split("postgres://h/db?sslmode=%zz").is_err());
         assert!(split("postgres://h/db?sslmode=%2").is_err());
         assert!(split("postgres://h/db?sslrootcert=a%00b").is_err());
