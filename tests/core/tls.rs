@@ -202,7 +202,10 @@ impl Expect<'_> {
     }
 }
 
-const BAD_CERT: &str = "invalid peer certificate";
+/// The server's certificate does not lead to a trusted root.
+const UNKNOWN_CA: &str = "invalid peer certificate: UnknownIssuer";
+/// The certificate is for `localhost`, the connection for `127.0.0.1`.
+const WRONG_HOST: &str = "certificate not valid for name \"127.0.0.1\"";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_sslmode_and_sslrootcert_behaves_as_libpqs_table_says() {
@@ -250,22 +253,22 @@ async fn every_sslmode_and_sslrootcert_behaves_as_libpqs_table_says() {
         ("require, wrong host, no root file", s.url(wrong, "postgres", "sslmode=require"), &no_home, Encrypted),
         ("ssl=true is require", s.url(good, "postgres", "ssl=true"), &no_home, Encrypted),
         ("require + right CA", s.url(wrong, "postgres", &format!("sslmode=require&sslrootcert={ca}")), &no_home, Encrypted),
-        ("require + wrong CA", s.url(good, "postgres", &format!("sslmode=require&sslrootcert={other}")), &no_home, Refused(BAD_CERT)),
-        ("require + wrong CA in ~/.postgresql/root.crt", s.url(good, "postgres", "sslmode=require"), &home_other, Refused(BAD_CERT)),
+        ("require + wrong CA", s.url(good, "postgres", &format!("sslmode=require&sslrootcert={other}")), &no_home, Refused(UNKNOWN_CA)),
+        ("require + wrong CA in ~/.postgresql/root.crt", s.url(good, "postgres", "sslmode=require"), &home_other, Refused(UNKNOWN_CA)),
         ("require + missing sslrootcert file", s.url(good, "postgres", &format!("sslmode=require&sslrootcert={missing}")), &no_home, Encrypted),
         ("verify-ca + right CA", s.url(good, "postgres", &format!("sslmode=verify-ca&sslrootcert={ca}")), &no_home, Encrypted),
         ("verify-ca + right CA, wrong host", s.url(wrong, "postgres", &format!("sslmode=verify-ca&sslrootcert={ca}")), &no_home, Encrypted),
-        ("verify-ca + wrong CA", s.url(good, "postgres", &format!("sslmode=verify-ca&sslrootcert={other}")), &no_home, Refused(BAD_CERT)),
+        ("verify-ca + wrong CA", s.url(good, "postgres", &format!("sslmode=verify-ca&sslrootcert={other}")), &no_home, Refused(UNKNOWN_CA)),
         ("verify-ca without any root file", s.url(good, "postgres", "sslmode=verify-ca"), &no_home, Refused(&missing_default)),
         ("verify-ca + right CA in ~/.postgresql/root.crt", s.url(good, "postgres", "sslmode=verify-ca"), &home_ca, Encrypted),
         ("verify-ca + right CA from PGSSLROOTCERT", s.url(good, "postgres", "sslmode=verify-ca"), &pgsslrootcert_ca, Encrypted),
         ("verify-ca + missing sslrootcert file", s.url(good, "postgres", &format!("sslmode=verify-ca&sslrootcert={missing}")), &home_ca, Refused("no-such-root.crt\" does not exist")),
         ("verify-full + right CA, right host", s.url(good, "postgres", &format!("sslmode=verify-full&sslrootcert={ca}")), &no_home, Encrypted),
-        ("verify-full + right CA, wrong host", s.url(wrong, "postgres", &format!("sslmode=verify-full&sslrootcert={ca}")), &no_home, Refused(BAD_CERT)),
-        ("verify-full + wrong CA", s.url(good, "postgres", &format!("sslmode=verify-full&sslrootcert={other}")), &no_home, Refused(BAD_CERT)),
+        ("verify-full + right CA, wrong host", s.url(wrong, "postgres", &format!("sslmode=verify-full&sslrootcert={ca}")), &no_home, Refused(WRONG_HOST)),
+        ("verify-full + wrong CA", s.url(good, "postgres", &format!("sslmode=verify-full&sslrootcert={other}")), &no_home, Refused(UNKNOWN_CA)),
         ("verify-full without any root file", s.url(good, "postgres", "sslmode=verify-full"), &no_home, Refused(&missing_default)),
         ("PGSSLMODE=verify-full + right CA", s.url(good, "postgres", &format!("sslrootcert={ca}")), &pgsslmode_verify_full, Encrypted),
-        ("PGSSLMODE=verify-full + wrong host", s.url(wrong, "postgres", &format!("sslrootcert={ca}")), &pgsslmode_verify_full, Refused(BAD_CERT)),
+        ("PGSSLMODE=verify-full + wrong host", s.url(wrong, "postgres", &format!("sslrootcert={ca}")), &pgsslmode_verify_full, Refused(WRONG_HOST)),
         ("sslmode in the URL beats PGSSLMODE", s.url(wrong, "postgres", "sslmode=disable"), &pgsslmode_verify_full, Plaintext),
         ("sslrootcert=system + require", s.url(good, "postgres", "sslmode=require&sslrootcert=system"), &no_home, Refused("weak sslmode \"require\" may not be used with sslrootcert=system")),
         ("sslrootcert=system + verify-ca", s.url(good, "postgres", "sslmode=verify-ca&sslrootcert=system"), &no_home, Refused("weak sslmode \"verify-ca\"")),
@@ -274,7 +277,7 @@ async fn every_sslmode_and_sslrootcert_behaves_as_libpqs_table_says() {
         ("key=value: sslmode = require", kv("sslmode = require"), &no_home, Encrypted),
         ("key=value: sslmode = disable", kv("sslmode = disable"), &no_home, Plaintext),
         ("key=value: quoted verify-full + right CA", kv(&format!("sslmode = 'verify-full' sslrootcert = '{}'", s.ca().display())), &no_home, Encrypted),
-        ("key=value: quoted verify-full + wrong CA", kv(&format!("sslmode='verify-full' sslrootcert= '{}'", s.other_ca().display())), &no_home, Refused(BAD_CERT)),
+        ("key=value: quoted verify-full + wrong CA", kv(&format!("sslmode='verify-full' sslrootcert= '{}'", s.other_ca().display())), &no_home, Refused(UNKNOWN_CA)),
         ("key=value: verify-ca without any root file", kv("sslmode =verify-ca"), &no_home, Refused(&missing_default)),
     ];
     let mut wrong_rows = Vec::new();
