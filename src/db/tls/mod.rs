@@ -13,24 +13,26 @@
 //! from `PGSSLROOTCERT`; unset or empty, the root file is `~/.postgresql/root.crt` (`~` is
 //! `$HOME`, else the user's home directory from the password database).
 //!
-//! | `sslmode`             | `sslrootcert`        | root file | TLS                            | certificate check                 |
-//! |-----------------------|----------------------|-----------|--------------------------------|-----------------------------------|
-//! | `disable`             | a file, or unset     | not read  | never                          | —                                 |
-//! | `allow`, `prefer`     | a file, or unset     | not read  | if the server offers it        | none                              |
-//! | `require`             | a file, or unset     | exists    | always                         | chain to a root in the file       |
-//! | `require`             | a file, or unset     | missing   | always                         | none                              |
-//! | `verify-ca`           | a file, or unset     | exists    | always                         | chain to a root in the file       |
-//! | `verify-ca`           | a file, or unset     | missing   | refused: "root certificate file … does not exist" | —              |
-//! | `verify-full`         | a file, or unset     | exists    | always                         | chain to a root in the file, and the host name |
-//! | `verify-full`         | a file, or unset     | missing   | refused, as for `verify-ca`    | —                                 |
-//! | `verify-full` (or unset) | `system`          | —         | always                         | chain to a root the system trusts, and the host name |
-//! | any other             | `system`             | —         | refused: "weak sslmode … may not be used with sslrootcert=system" | — |
+//! | `sslmode`                  | `sslrootcert` | root file | TLS                | check          |
+//! |----------------------------|---------------|-----------|--------------------|----------------|
+//! | `disable`                  | file or unset | not read  | never              | —              |
+//! | `allow`, `prefer`          | file or unset | not read  | if the server can  | none           |
+//! | `require`                  | file or unset | exists    | always             | chain          |
+//! | `require`                  | file or unset | missing   | always             | none           |
+//! | `verify-ca`                | file or unset | exists    | always             | chain          |
+//! | `verify-full`              | file or unset | exists    | always             | chain and host |
+//! | `verify-ca`, `verify-full` | file or unset | missing   | refused (1)        | —              |
+//! | `verify-full` or unset     | `system`      | —         | always             | chain and host |
+//! | any other                  | `system`      | —         | refused (2)        | —              |
 //!
-//! "Chain" means the server's certificate must lead to a trusted root; "host name" means the
-//! `host` Spool connects to (not `hostaddr`) must be one of the certificate's subject
-//! alternative names (DNS name or IP address). A missing root file with `require` is not an
-//! error in libpq either: the connection is encrypted but the server not authenticated (Spool
-//! logs a warning when that file was named explicitly).
+//! (1) "root certificate file … does not exist"; (2) "weak sslmode … may not be used with
+//! sslrootcert=system". Both are refused when `DATABASE_URL` is parsed, at start.
+//!
+//! "Chain": the server's certificate must lead to a root in the file (or, for `system`, to one the
+//! operating system trusts). "Host": the `host` Spool connects to (not `hostaddr`) must be one of
+//! the certificate's subject alternative names (DNS name or IP address). A missing root file with
+//! `require` is not an error in libpq either: the connection is encrypted but the server not
+//! authenticated (Spool logs a warning when that file was named explicitly).
 //!
 //! Where Spool differs from libpq, because tokio-postgres cannot do otherwise:
 //! - `allow` is treated as `prefer`: TLS is tried first (libpq tries plaintext first).
