@@ -6,6 +6,9 @@
 #   scripts/pg.sh stop DIR    stop it (immediate) and remove DIR
 #   scripts/pg.sh kill DIR    stop it (immediate) and keep DIR (for restart tests)
 #
+# SPOOL_PG_SSL_DIR=DIR (with start): DIR holds server.crt and server.key; the cluster serves TLS
+# with them (copied into its own directory, owned by its user, the key 0600 as PostgreSQL demands).
+#
 # It never touches a system cluster: the data directory, socket and log all live in DIR.
 # PostgreSQL refuses to run as root, so as root the cluster runs as the `postgres` user.
 set -euo pipefail
@@ -62,9 +65,16 @@ start)
   # stop the server with -m immediate and expect every commit back; benchmarks).
   durability="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
   if [ "${SPOOL_PG_DURABLE:-0}" = 1 ]; then durability=""; fi
+  ssl=""
+  if [ -n "${SPOOL_PG_SSL_DIR:-}" ]; then
+    owner=(); if [ "$(id -u)" = 0 ]; then owner=(-o postgres); fi
+    install -m 0644 "${owner[@]}" "$SPOOL_PG_SSL_DIR/server.crt" "$dir/server.crt"
+    install -m 0600 "${owner[@]}" "$SPOOL_PG_SSL_DIR/server.key" "$dir/server.key"
+    ssl="-c ssl=on -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key"
+  fi
   # SPOOL_PG_OPTIONS: more server settings, e.g. "-c shared_preload_libraries=pg_stat_statements"
   as_owner "$pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 $durability -c max_connections=400 -c shared_buffers=256MB ${SPOOL_PG_OPTIONS:-}" \
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 $durability -c max_connections=400 -c shared_buffers=256MB $ssl ${SPOOL_PG_OPTIONS:-}" \
     start >&2 || { cat "$dir/server.log" >&2; exit 1; }
   echo "$port" >"$dir/port"
   echo "$port"

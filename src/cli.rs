@@ -76,7 +76,7 @@ pub struct ServerArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct DbArgs {
-    /// PostgreSQL URL (sslmode honoured).
+    /// PostgreSQL URI or libpq key=value string (sslmode and sslrootcert as libpq means them).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 }

@@ -14,8 +14,8 @@ use crate::live::LiveSettings;
 /// Flags of `spool serve`; each also reads the environment variable named.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// PostgreSQL URL; its sslmode (disable, prefer, require, verify-ca, verify-full) is honoured
-    /// by every connection.
+    /// PostgreSQL URI or libpq key=value string; its sslmode and sslrootcert mean what they mean
+    /// to libpq, for every connection.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
     /// NATS server for live output (optional; without it chunks are not published).

@@ -16,3 +16,4 @@ mod per_key;
 mod replay;
 mod retention;
 mod schema;
+mod tls;
