@@ -58,7 +58,19 @@ fi
 if ! command -v kubernetes-validate >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate >&2
 fi
-export SPOOL_TEST_PG="$base" SPOOL_TEST_TEMPLATE=spool_template SPOOL_TEST_NATS_SERVER SPOOL_TEST_SSE_CLIENTS SPOOL_TEST_CHROMIUM
+# metrics and alert rules are checked by promtool (Debian's prometheus package)
+SPOOL_TEST_PROMTOOL=${SPOOL_TEST_PROMTOOL:-$(command -v promtool || true)}
+if [ -z "$SPOOL_TEST_PROMTOOL" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "installing promtool (Debian package prometheus) for the metrics tests..." >&2
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >&2
+  SPOOL_TEST_PROMTOOL=$(command -v promtool)
+fi
+if [ -z "$SPOOL_TEST_PROMTOOL" ]; then
+  echo "promtool is needed for the metrics tests (apt-get install prometheus)" >&2
+  exit 1
+fi
+export SPOOL_TEST_PG="$base" SPOOL_TEST_TEMPLATE=spool_template SPOOL_TEST_NATS_SERVER SPOOL_TEST_SSE_CLIENTS SPOOL_TEST_CHROMIUM SPOOL_TEST_PROMTOOL
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast --test-threads 4 "$@"
 else

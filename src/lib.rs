@@ -24,6 +24,7 @@ mod cli_attach;
 pub mod config;
 pub mod db;
 pub mod executor;
+pub mod latency;
 pub mod live;
 pub mod llm;
 pub mod migrate;

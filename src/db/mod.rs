@@ -10,6 +10,7 @@ pub mod executors;
 pub mod maintenance;
 pub mod overview;
 pub mod runs;
+pub mod stats;
 pub mod steps;
 pub mod tls;
 

@@ -1,5 +1,10 @@
-//! Periodic maintenance that one executor at a time does: retention (deleting runs finished
-//! longer ago than their queue's retention, with their steps).
+//! Periodic maintenance that one executor at a time does, each under its own lease in
+//! `spool.maintenance_leases`:
+//! - `metrics`: reading the database's metrics (queue depth and oldest ready age, recent ends,
+//!   runs nobody can execute, executors and their lease age) once per interval; the holder serves
+//!   them at its `/metrics`, so a scrape of every executor counts each once;
+//! - `retention`: deleting runs finished longer ago than their queue's retention, with their
+//!   steps.
 //!
 //! Every `maintenance_interval` (jittered) each executor asks for the `retention` lease
 //! (`spool.maintenance_leases`, three intervals long); the one that holds it deletes in batches of
@@ -11,6 +16,7 @@
 //! the queue is quiet. It runs beside the control loop, on the executor's pool, and never touches
 //! an unfinished run.
 
+use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +26,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{jittered, Metrics};
-use crate::db::maintenance;
+use crate::db::{maintenance, stats};
 
 /// Runs deleted per statement.
 pub const PURGE_BATCH: i32 = 500;
@@ -40,18 +46,36 @@ pub(super) struct Maintenance {
 
 impl Maintenance {
     pub async fn run(self, stop: CancellationToken) {
-        let Some(retention) = self.retention else {
-            return;
-        };
         loop {
+            if let Err(e) = self.metrics_round().await {
+                *self.metrics.db_snapshot.lock().unwrap() = None;
+                tracing::warn!(error = %e, "cannot read the database's metrics; will retry");
+            }
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(jittered(self.interval)) => {}
             }
-            if let Err(e) = self.retention_round(retention, &stop).await {
-                tracing::warn!(error = %e, "retention round failed; will retry");
+            if let Some(retention) = self.retention {
+                if let Err(e) = self.retention_round(retention, &stop).await {
+                    tracing::warn!(error = %e, "retention round failed; will retry");
+                }
             }
         }
+    }
+
+    /// Reads the database's metrics when this process holds the `metrics` lease, and stops
+    /// serving them when it does not.
+    async fn metrics_round(&self) -> Result<(), crate::db::DbError> {
+        let client = self.pool.get().await?;
+        let held = maintenance::try_lease(&client, "metrics", &self.executor_id, self.interval * 3)
+            .await?;
+        let text = if held {
+            Some(render(&stats::collect(&client).await?))
+        } else {
+            None
+        };
+        *self.metrics.db_snapshot.lock().unwrap() = text;
+        Ok(())
     }
 
     async fn retention_round(
@@ -86,4 +110,110 @@ impl Maintenance {
         }
         Ok(())
     }
+}
+
+/// The database's metrics as Prometheus text (gauges; label values are names Spool validates:
+/// letters, digits and `_.:-`, nothing to escape).
+fn render(s: &stats::DbStats) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, help: &str, samples: Vec<(String, String)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let q = |queue: &str| format!("{{queue=\"{queue}\"}}");
+    family(
+        "spool_queue_ready_runs",
+        "Queued runs whose run_at has come, per queue",
+        s.queues
+            .iter()
+            .map(|d| (q(&d.queue), d.ready.to_string()))
+            .collect(),
+    );
+    family(
+        "spool_queue_scheduled_runs",
+        "Queued runs whose run_at is still ahead, per queue",
+        s.queues
+            .iter()
+            .map(|d| (q(&d.queue), d.scheduled.to_string()))
+            .collect(),
+    );
+    family(
+        "spool_queue_running_runs",
+        "Runs executing, per queue",
+        s.queues
+            .iter()
+            .map(|d| (q(&d.queue), d.running.to_string()))
+            .collect(),
+    );
+    family(
+        "spool_queue_oldest_ready_age_seconds",
+        "How long the oldest ready run of the queue has waited since its run_at",
+        s.queues
+            .iter()
+            .map(|d| (q(&d.queue), format!("{:.3}", d.oldest_ready_age)))
+            .collect(),
+    );
+    family(
+        "spool_queue_runs_finished_last_minute",
+        "Runs that ended in the last minute, per queue and status",
+        s.finished_last_minute
+            .iter()
+            .map(|(queue, status, n)| {
+                (
+                    format!("{{queue=\"{queue}\",status=\"{status}\"}}"),
+                    n.to_string(),
+                )
+            })
+            .collect(),
+    );
+    family(
+        "spool_queue_unrunnable_runs",
+        "Unfinished runs no live executor can execute now (see spool.unrunnable_runs for why)",
+        s.unrunnable
+            .iter()
+            .map(|(queue, n)| (q(queue), n.to_string()))
+            .collect(),
+    );
+    family(
+        "spool_executors_alive",
+        "Executors holding their lock with an unexpired lease",
+        vec![(
+            String::new(),
+            s.executors.iter().filter(|e| e.alive).count().to_string(),
+        )],
+    );
+    let e = |id: &str| format!("{{executor=\"{id}\"}}");
+    family(
+        "spool_executor_up",
+        "1 when the executor is alive (lock held, lease unexpired), else 0; executors stopped over an hour ago are left out",
+        s.executors.iter().map(|x| (e(&x.id), u8::from(x.alive).to_string())).collect(),
+    );
+    family(
+        "spool_executor_heartbeat_age_seconds",
+        "Time since the executor last renewed its lease",
+        s.executors
+            .iter()
+            .map(|x| (e(&x.id), format!("{:.3}", x.heartbeat_age)))
+            .collect(),
+    );
+    family(
+        "spool_executor_running_runs",
+        "Runs the executor owns that are running",
+        s.executors
+            .iter()
+            .map(|x| (e(&x.id), x.running.to_string()))
+            .collect(),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    family(
+        "spool_db_metrics_collected_timestamp_seconds",
+        "When this process last read the database's metrics (it holds the metrics lease)",
+        vec![(String::new(), format!("{now:.3}"))],
+    );
+    out
 }

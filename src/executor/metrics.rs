@@ -30,6 +30,9 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     /// Finished runs deleted by retention from this process.
     pub purged: AtomicU64,
+    /// The database's metrics (queues, executors), as Prometheus text, while this process holds
+    /// the `metrics` maintenance lease (see `executor::maintenance`); `None` otherwise.
+    pub db_snapshot: std::sync::Mutex<Option<String>>,
 }
 
 impl Metrics {
@@ -116,6 +119,11 @@ impl Metrics {
                 &self.connections_refused,
             ),
             (
+                "spool_http_connections_cut_total",
+                "Attach connections cut because the client stopped reading",
+                &self.connections_cut,
+            ),
+            (
                 "spool_lease_lapses_total",
                 "Times this executor stopped executing because it could not renew its lease",
                 &self.lease_lapses,
@@ -133,6 +141,10 @@ impl Metrics {
             "# HELP spool_runs_in_flight Runs executing in this process\n# TYPE spool_runs_in_flight gauge\nspool_runs_in_flight {}",
             self.in_flight.load(Ordering::Relaxed)
         );
+        crate::latency::render(&mut out);
+        if let Some(db) = self.db_snapshot.lock().unwrap().as_ref() {
+            out.push_str(db);
+        }
         out
     }
 }

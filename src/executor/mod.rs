@@ -400,7 +400,10 @@ impl ControlLoop {
                         workflows: &self.workflows,
                         queues: self.settings.queues.as_deref(),
                     };
-                    runs::claim(&client, &who, want as i64).await
+                    let started = Instant::now();
+                    let claimed = runs::claim(&client, &who, want as i64).await;
+                    crate::latency::CLAIM.observe(started.elapsed());
+                    claimed
                 })
                 .await;
             match claimed {

@@ -76,7 +76,8 @@ struct State {
 
 /// This attempt's publishes awaiting their ack, counted in the process-wide total too.
 struct Pending {
-    acks: VecDeque<PublishAckFuture>,
+    /// Each ack with when its message was published (for the lag histogram).
+    acks: VecDeque<(tokio::time::Instant, PublishAckFuture)>,
     total: Arc<AtomicUsize>,
 }
 
@@ -86,11 +87,11 @@ impl Pending {
     }
 
     fn push(&mut self, ack: PublishAckFuture) {
-        self.acks.push_back(ack);
+        self.acks.push_back((tokio::time::Instant::now(), ack));
         self.total.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn pop(&mut self) -> Option<PublishAckFuture> {
+    fn pop(&mut self) -> Option<(tokio::time::Instant, PublishAckFuture)> {
         let ack = self.acks.pop_front()?;
         self.total.fetch_sub(1, Ordering::Relaxed);
         Some(ack)
@@ -199,8 +200,9 @@ impl ChunkPublisher {
             || (st.pending.len() > 1
                 && self.live.acks_pending.load(Ordering::Relaxed) > MAX_ACKS_PENDING)
         {
-            let oldest = st.pending.pop().expect("non-empty");
+            let (sent, oldest) = st.pending.pop().expect("non-empty");
             self.timed(oldest.into_future()).await?;
+            crate::latency::PUBLISH_ACK.observe(sent.elapsed());
         }
         Ok(())
     }
@@ -208,8 +210,9 @@ impl ChunkPublisher {
     /// Awaits every pending ack; returns the stream sequence of the last one (0 when none).
     async fn await_acks(&self, st: &mut State) -> Result<u64, LiveError> {
         let mut last = 0;
-        while let Some(ack) = st.pending.pop() {
+        while let Some((sent, ack)) = st.pending.pop() {
             last = self.timed(ack.into_future()).await?.sequence;
+            crate::latency::PUBLISH_ACK.observe(sent.elapsed());
         }
         Ok(last)
     }
@@ -287,6 +290,7 @@ impl ChunkPublisher {
     }
 
     fn broke(&self, st: &mut State, e: LiveError) {
+        crate::latency::PUBLISH_ERRORS.fetch_add(1, Ordering::Relaxed);
         if !st.broken {
             tracing::warn!(run = %self.run_id, error = %e, "live output unavailable; the run goes on and its output is republished when NATS answers");
         }

@@ -327,6 +327,7 @@ impl RunContext {
             claim_epoch: self.inner.identity.claim_epoch,
         };
         let started_at = Utc::now();
+        let timer = std::time::Instant::now();
         let label = step_label(number, name);
         let mut retries = 0;
         let outcome = loop {
@@ -350,6 +351,7 @@ impl RunContext {
                 Err(e) => break Err(e.to_string()),
             }
         };
+        crate::latency::STEP.observe(timer.elapsed());
         let chunks = self
             .inner
             .in_flight

@@ -8,6 +8,7 @@ mod common;
 mod chat;
 mod fanout;
 mod in_process;
+mod metrics;
 mod wire;
 
 use std::time::Duration;
