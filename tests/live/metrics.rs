@@ -80,8 +80,8 @@ async fn metrics_pass_promtool_and_one_executor_at_a_time_serves_the_databases()
                 "spool_queue_runs_finished_last_minute{queue=\"default\",status=\"succeeded\"}";
             match (sample(&ta, ended), sample(&tb, ended)) {
                 (Some(_), Some(_)) => panic!("both processes serve the database's metrics"),
-                (Some(n), None) if n == 1.0 => Some(("a", ta, tb)),
-                (None, Some(n)) if n == 1.0 => Some(("b", tb, ta)),
+                (Some(1.0), None) => Some(("a", ta, tb)),
+                (None, Some(1.0)) => Some(("b", tb, ta)),
                 _ => None,
             }
         },
@@ -141,8 +141,8 @@ async fn metrics_pass_promtool_and_one_executor_at_a_time_serves_the_databases()
     }
 
     // the holder dies: the other takes the lease over and reports it down
-    let (dead, survivor) = if who == "b" {
-        (&mut b, &a)
+    let (dead, survivor) = if who == "a" {
+        (&mut a, &b)
     } else {
         (&mut b, &a)
     };
