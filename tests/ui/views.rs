@@ -214,7 +214,13 @@ async fn a_run_killed_mid_output_shows_reset_then_the_whole_output_once() {
     let resets: String = eval(&page, "document.getElementById('output').dataset.resets").await;
     assert!(
         resets.parse::<u32>().unwrap() >= 1,
-        "the replay began with a reset"
+        "the replay began with a reset; status {:?}, notices {:?}, claim epochs with steps {:?}",
+        text_of(&page, "#attach-status").await,
+        text_of(&page, "#attach-notices").await,
+        stack
+            .db
+            .scalar_i64("select count(distinct claim_epoch) from spool.operation_outputs where run_id = 'crash'")
+            .await,
     );
     assert!(text_of(&page, "#attach-notices").await.contains("reset"));
     screenshot(&page, "run-after-crash").await;
