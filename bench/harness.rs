@@ -100,11 +100,16 @@ impl Bench {
             .env("DATABASE_URL", &db.url)
             .env("SPOOL_EXECUTOR_ID", &spec.executor_id)
             .env("SPOOL_LISTEN", format!("127.0.0.1:{port}"))
-            .env("SPOOL_CONCURRENCY", self.spool.concurrency.to_string())
-            .env("SPOOL_CLAIM_BATCH", self.spool.claim_batch.to_string())
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file);
+        if spec.defaults {
+            cmd.env_remove("SPOOL_CONCURRENCY")
+                .env_remove("SPOOL_CLAIM_BATCH");
+        } else {
+            cmd.env("SPOOL_CONCURRENCY", self.spool.concurrency.to_string())
+                .env("SPOOL_CLAIM_BATCH", self.spool.claim_batch.to_string());
+        }
         if let Some(log) = &self.spool.log {
             cmd.env("RUST_LOG", log);
         }
@@ -203,6 +208,8 @@ pub struct ProcSpec {
     pub role: Role,
     /// Set `NATS_URL` (live output on).
     pub nats: bool,
+    /// Leave SPOOL_CONCURRENCY and SPOOL_CLAIM_BATCH at Spool's defaults (adaptive).
+    pub defaults: bool,
     pub env: Vec<(String, String)>,
 }
 
@@ -212,6 +219,7 @@ impl ProcSpec {
             executor_id: executor_id.into(),
             role,
             nats: false,
+            defaults: false,
             env: Vec::new(),
         }
     }

@@ -69,13 +69,45 @@ pub async fn noop(bench: &Bench, p: &ThroughputParams, ceiling: &Ceiling) -> Vec
         };
         rows.push(row);
     }
+    let figure = format!(
+        "no-op drain, 1 executor at Spool's defaults (adaptive slots), {} runs",
+        p.noop_runs
+    );
+    rows.push(match noop_drain_with(bench, p, 1, true).await {
+        Ok(d) => Row::new(2, figure, d.per_sec, Unit::PerSec("runs"))
+            .ceiling("1a", ceiling.claim_complete)
+            .target(Target::RatioAtLeast(0.5))
+            .note(d.note(p.noop_runs)),
+        Err(e) => Row::failed(2, figure, &e),
+    });
     rows
 }
 
 async fn noop_drain(bench: &Bench, p: &ThroughputParams, executors: usize) -> Result<Drain> {
-    let db = bench.fresh_db(&format!("bench_noop_{executors}")).await?;
+    noop_drain_with(bench, p, executors, false).await
+}
+
+async fn noop_drain_with(
+    bench: &Bench,
+    p: &ThroughputParams,
+    executors: usize,
+    defaults: bool,
+) -> Result<Drain> {
+    let suffix = if defaults { "_defaults" } else { "" };
+    let db = bench
+        .fresh_db(&format!("bench_noop_{executors}{suffix}"))
+        .await?;
     let sql = "insert into spool.runs (workflow) select 'noop' from generate_series(1, $1::int8)";
-    drain(bench, &db, executors, sql, p.noop_runs, p.drain_limit).await
+    drain_with(
+        bench,
+        &db,
+        executors,
+        sql,
+        p.noop_runs,
+        p.drain_limit,
+        defaults,
+    )
+    .await
 }
 
 /// 4: runs of 10 memoized no-op steps (`ticker`, 10 steps of one chunk each, no NATS: the
@@ -113,9 +145,22 @@ async fn drain(
     n: i64,
     limit: Duration,
 ) -> Result<Drain> {
+    drain_with(bench, db, executors, insert_sql, n, limit, false).await
+}
+
+async fn drain_with(
+    bench: &Bench,
+    db: &Db,
+    executors: usize,
+    insert_sql: &str,
+    n: i64,
+    limit: Duration,
+    defaults: bool,
+) -> Result<Drain> {
     let mut procs = Vec::new();
     for i in 1..=executors {
-        let spec = ProcSpec::new(format!("{}-{i}", db.name), Role::Worker);
+        let mut spec = ProcSpec::new(format!("{}-{i}", db.name), Role::Worker);
+        spec.defaults = defaults;
         procs.push(bench.start(db, spec).await?);
     }
     let commits_before = db.commits().await?;

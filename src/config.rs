@@ -112,11 +112,12 @@ pub struct ServeArgs {
     /// Serve a non-loopback address without a token (you take responsibility).
     #[arg(long, env = "SPOOL_ALLOW_UNAUTHENTICATED", default_value_t = false)]
     pub allow_unauthenticated: bool,
-    /// Worker slots: runs executing at once.
-    #[arg(long, env = "SPOOL_CONCURRENCY", default_value_t = 16)]
-    pub concurrency: usize,
-    /// Most runs claimed per statement.
-    #[arg(long, env = "SPOOL_CLAIM_BATCH", default_value_t = 64)]
+    /// Worker slots: runs executing at once. Unset: adaptive, between 16 and 512 (many in
+    /// flight while runs are short and work waits, few while runs are long).
+    #[arg(long, env = "SPOOL_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// Most runs claimed per statement (a claim never asks for more than the free slots).
+    #[arg(long, env = "SPOOL_CLAIM_BATCH", default_value_t = 512)]
     pub claim_batch: usize,
     /// Pooled Postgres connections of the executor (memo reads, batched writes); the claim has
     /// two of its own and the executor lock and wake-up listener one each.
@@ -340,7 +341,7 @@ impl Config {
         {
             return Err(ConfigError::UnauthenticatedListen(args.listen));
         }
-        if args.concurrency == 0 {
+        if args.concurrency == Some(0) {
             return Err(ConfigError::Zero("SPOOL_CONCURRENCY"));
         }
         if args.claim_batch == 0 {
@@ -356,7 +357,10 @@ impl Config {
             return Err(ConfigError::Zero("SPOOL_API_DB_POOL_SIZE"));
         }
         let mut executor = ExecutorSettings::new(executor_id);
-        executor.concurrency = args.concurrency;
+        executor.adaptive = args.concurrency.is_none();
+        executor.concurrency = args
+            .concurrency
+            .unwrap_or(crate::executor::slots::ADAPTIVE_CAP);
         executor.claim_batch = args.claim_batch;
         executor.queues = args.queues;
         executor.grace_period = Duration::from_millis(args.grace_period_ms);

@@ -16,6 +16,7 @@ mod maintenance;
 pub mod metrics;
 pub mod probation;
 pub mod runner;
+pub mod slots;
 mod upkeep;
 pub mod wakeup;
 
@@ -43,8 +44,10 @@ pub use runner::{discard_chunks, ChunkSinkFactory};
 #[derive(Debug, Clone)]
 pub struct ExecutorSettings {
     pub executor_id: String,
-    /// Worker slots: runs executing at once.
+    /// Worker slots: runs executing at once (with `adaptive`, the most).
     pub concurrency: usize,
+    /// Adapt the runs in flight between a floor and `concurrency` (see [`slots`]).
+    pub adaptive: bool,
     /// Most runs claimed per statement.
     pub claim_batch: usize,
     /// Fallback poll interval (jittered ±50%) when no wake-up arrives.
@@ -82,6 +85,7 @@ impl ExecutorSettings {
         Self {
             executor_id: executor_id.into(),
             concurrency: 16,
+            adaptive: false,
             claim_batch: 64,
             poll_interval: Duration::from_millis(500),
             recovery_interval: Duration::from_secs(10),
@@ -231,6 +235,14 @@ pub async fn start(
         lease: lease::Lease::new(settings.lease, taken_at),
         deps,
         tasks: JoinSet::new(),
+        slots: if settings.adaptive {
+            slots::Slots::adaptive(
+                slots::ADAPTIVE_FLOOR.min(settings.concurrency),
+                settings.concurrency,
+            )
+        } else {
+            slots::Slots::fixed(settings.concurrency)
+        },
         in_flight: HashMap::new(),
         wake: Arc::new(Notify::new()),
         isolation: probation::Isolation::default(),
@@ -260,8 +272,10 @@ struct ControlLoop {
     deps: Arc<runner::RunnerDeps>,
     /// One task per run in flight; aborting the loop aborts them all.
     tasks: JoinSet<String>,
+    /// How many runs may be in flight (fixed, or adapting to what runs take).
+    slots: slots::Slots,
     /// Run id → (claim epoch, task) for every run this process is executing.
-    in_flight: HashMap<String, (i64, AbortHandle, CancellationToken)>,
+    in_flight: HashMap<String, (i64, AbortHandle, CancellationToken, Instant)>,
     wake: Arc<Notify>,
     /// Suspects of repeated crashes started alone, and the runs held back meanwhile.
     isolation: probation::Isolation,
@@ -377,16 +391,14 @@ impl ControlLoop {
     /// quarter of the slots are free, so one claim statement serves many runs instead of one
     /// claim per finished run; an idle executor claims at once.
     async fn fill_slots(&mut self) {
-        let threshold = if self.in_flight.is_empty() {
-            1
-        } else {
-            (self.settings.concurrency / 4).max(1)
-        };
         loop {
-            let free = self
-                .settings
-                .concurrency
-                .saturating_sub(self.in_flight.len());
+            let limit = self.slots.limit();
+            let threshold = if self.in_flight.is_empty() {
+                1
+            } else {
+                (limit / 4).max(1)
+            };
+            let free = limit.saturating_sub(self.in_flight.len());
             if free < threshold || free == 0 {
                 return;
             }
@@ -417,6 +429,7 @@ impl ControlLoop {
                         tracing::debug!(run = %run.id, workflow = %run.workflow, attempt = run.attempt, "claimed");
                         self.spawn(run);
                     }
+                    self.slots.claimed(want, got);
                     if got < want {
                         return;
                     }
@@ -461,7 +474,8 @@ impl ControlLoop {
             }
             .instrument(span),
         );
-        self.in_flight.insert(id, (epoch, handle, cancel));
+        self.in_flight
+            .insert(id, (epoch, handle, cancel, Instant::now()));
         self.deps
             .metrics
             .in_flight
@@ -471,7 +485,7 @@ impl ControlLoop {
     /// Tells a run executing here that its cancellation was requested (a step that can stop
     /// early, such as an LLM generation, stops now instead of at its next step boundary).
     fn cancel_in_flight(&self, id: &str) {
-        if let Some((_, _, cancel)) = self.in_flight.get(id) {
+        if let Some((_, _, cancel, _)) = self.in_flight.get(id) {
             tracing::debug!(run = %id, "cancellation requested while running");
             cancel.cancel();
         }
@@ -483,7 +497,7 @@ impl ControlLoop {
         let ids: Vec<String> = self
             .in_flight
             .iter()
-            .filter(|(_, (_, _, c))| !c.is_cancelled())
+            .filter(|(_, (_, _, c, _))| !c.is_cancelled())
             .map(|(id, _)| id.clone())
             .collect();
         if ids.is_empty() {
@@ -503,13 +517,15 @@ impl ControlLoop {
     fn reap(&mut self, done: Result<String, tokio::task::JoinError>) {
         match done {
             Ok(id) => {
-                self.in_flight.remove(&id);
+                if let Some((.., started)) = self.in_flight.remove(&id) {
+                    self.slots.run_finished(started.elapsed());
+                }
             }
             Err(e) => {
                 // runner::execute catches workflow panics; an aborted or panicked task is
                 // removed by its task id.
                 let tid = e.id();
-                self.in_flight.retain(|_, (_, h, _)| h.id() != tid);
+                self.in_flight.retain(|_, (_, h, _, _)| h.id() != tid);
             }
         }
         self.deps
@@ -540,7 +556,7 @@ impl ControlLoop {
         let waiting = waiting.into_iter().map(|r| (r.id, r.claim_epoch));
         let in_flight = std::mem::take(&mut self.in_flight)
             .into_iter()
-            .map(|(id, (epoch, _, _))| (id, epoch));
+            .map(|(id, (epoch, _, _, _))| (id, epoch));
         let mut unreachable = false;
         for (id, epoch) in in_flight.chain(waiting) {
             if unreachable {

@@ -1,9 +1,11 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use spool::db::runs::{self, Claimant};
+use spool::Registry;
 
-use crate::common::TestDb;
+use crate::common::{settings, wait_until, TestDb};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_claimers_never_claim_a_run_twice_nor_exceed_their_batch() {
@@ -107,4 +109,53 @@ async fn claim_honours_run_at_priority_and_queue() {
     // an older incarnation claims nothing
     db.exec("update spool.executors set incarnation = 2 where id = 'c'; update spool.runs set run_at = now() where id = 'later'").await;
     assert!(runs::claim(&client, &who, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_executors_share_a_backlog_of_long_runs_instead_of_one_taking_it() {
+    let db = TestDb::new().await;
+    db.exec(
+        "insert into spool.runs (workflow, input)
+         select 'ticker', '{\"count\": 3, \"interval_ms\": 150}' from generate_series(1, 64)",
+    )
+    .await;
+    let mut executors = Vec::new();
+    for id in ["adaptive-1", "adaptive-2"] {
+        let mut s = settings(id);
+        s.adaptive = true;
+        s.concurrency = 512;
+        s.claim_batch = 512;
+        executors.push(db.executor_with(s, Registry::with_builtins()).await);
+    }
+    // while the backlog drains, no executor ever holds more than the adaptive floor of these
+    // long runs
+    let most = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    wait_until("the long runs to finish", Duration::from_secs(60), || {
+        let (db, most) = (&db, most.clone());
+        async move {
+            let held = db
+                .scalar_i64(
+                    "select coalesce(max(n), 0) from (select count(*) as n from spool.runs
+                      where status = 'running' group by executor_id) r",
+                )
+                .await;
+            most.fetch_max(held, std::sync::atomic::Ordering::Relaxed);
+            let left = db
+                .scalar_i64("select count(*) from spool.runs where status <> 'succeeded'")
+                .await;
+            (left == 0).then_some(())
+        }
+    })
+    .await;
+    let most = most.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(most <= 16, "an executor held {most} long runs at once");
+    assert_eq!(
+        db.scalar_i64("select count(distinct executor_id) from spool.runs")
+            .await,
+        2,
+        "both executors ran some"
+    );
+    for e in executors {
+        e.shutdown().await.unwrap();
+    }
 }
