@@ -162,6 +162,15 @@ impl Db {
         connect(&self.url).await
     }
 
+    /// The cluster's current WAL position, in bytes.
+    pub async fn wal_lsn(&self) -> Result<i64> {
+        let row = self
+            .client
+            .query_one("select (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8", &[])
+            .await?;
+        Ok(row.get(0))
+    }
+
     /// Commits recorded for this database so far. Backends report their counts lazily (at most
     /// once a second, and when they exit), so callers stop the processes they measure first;
     /// this connection's own counts are flushed before reading.

@@ -15,6 +15,7 @@ mod latency;
 mod machine;
 mod memory;
 mod node_death;
+mod peer;
 mod recovery;
 /// The fault relay of the test harness (black-holes a host's connections).
 #[path = "../tests/common/relay.rs"]
@@ -38,13 +39,14 @@ use chunks::ChunkParams;
 use enqueue::EnqueueParams;
 use harness::{Bench, SpoolSettings};
 use node_death::NodeDeathParams;
+use peer::PeerParams;
 use recovery::RecoveryParams;
 use report::Row;
 use retention::RetentionParams;
 use throughput::ThroughputParams;
 
 /// Sections, in the order they run (the table is ordered by figure number).
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 13] = [
     "ceiling",
     "noop",
     "enqueue",
@@ -57,6 +59,7 @@ const SECTIONS: [&str; 12] = [
     "scale",
     "chat",
     "retention",
+    "peer",
 ];
 
 #[derive(Debug, Parser)]
@@ -83,7 +86,7 @@ struct Args {
     #[arg(long, env = "BENCH_COMMIT")]
     commit: Option<String>,
     /// Comma-separated sections to run (default: all): ceiling, noop, enqueue, steps, latency,
-    /// memory, chunks, recovery, nodedeath, scale, chat, retention.
+    /// memory, chunks, recovery, nodedeath, scale, chat, retention, peer.
     #[arg(long, env = "BENCH_ONLY", value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// SPOOL_CONCURRENCY of the executors.
@@ -284,6 +287,13 @@ async fn run(args: &Args) -> Vec<Row> {
             "memory" => memory::measure(&bench).await,
             "scale" => scale::measure(&bench).await,
             "chat" => chat::measure(&bench).await,
+            "peer" => {
+                let p = PeerParams {
+                    runs: args.noop_runs,
+                    latency_runs: args.latency_runs.min(200),
+                };
+                peer::measure(&bench, &p).await
+            }
             "retention" => {
                 let p = RetentionParams {
                     backlog: args.retention_backlog,
@@ -312,6 +322,8 @@ async fn run(args: &Args) -> Vec<Row> {
         eprintln!("bench: {section} took {:.1} s", t.elapsed().as_secs_f64());
         rows.extend(new_rows);
     }
+    let ratios = peer::ratios(&rows);
+    rows.extend(ratios);
     rows
 }
 

@@ -24,6 +24,8 @@ struct Drain {
     failed: i64,
     per_sec: f64,
     commits_per_run: f64,
+    /// WAL bytes written during the drain, per run.
+    wal_per_run: f64,
     timed_out: bool,
     /// Warning and error lines the executors logged.
     warnings: usize,
@@ -31,7 +33,10 @@ struct Drain {
 
 impl Drain {
     fn note(&self, total: i64) -> String {
-        let mut note = format!("{:.3} commits/run", self.commits_per_run);
+        let mut note = format!(
+            "{:.3} commits/run, {:.0} WAL bytes/run",
+            self.commits_per_run, self.wal_per_run
+        );
         if self.timed_out {
             note.push_str(&format!(
                 "; TIMED OUT: {} of {total} finished",
@@ -164,6 +169,7 @@ async fn drain_with(
         procs.push(bench.start(db, spec).await?);
     }
     let commits_before = db.commits().await?;
+    let wal_before = db.wal_lsn().await?;
     db.client.execute(insert_sql, &[&n]).await?;
     let (timed_out, polls) = wait_drained(db, limit).await?;
     let warnings = procs.iter().map(|p| p.warnings()).sum();
@@ -173,6 +179,8 @@ async fn drain_with(
     // our own transactions since the first count: its select, the insert, the polls, the flush
     let own = polls + 3;
     let commits = db.commits().await? - commits_before - own;
+    // the cluster's WAL: nothing else writes during a drain but autovacuum
+    let wal = db.wal_lsn().await? - wal_before;
     let row = db
         .client
         .query_one(
@@ -193,6 +201,7 @@ async fn drain_with(
             0.0
         },
         commits_per_run: commits as f64 / finished.max(1) as f64,
+        wal_per_run: wal as f64 / finished.max(1) as f64,
         timed_out,
         warnings,
     })

@@ -2,7 +2,7 @@
 -- finished longer than the retention: SPOOL_RETENTION for every queue (7 days by default), or a
 -- queue's own row in spool.queue_retention. Executors delete in small batches, one statement per
 -- batch, by whichever executor holds the `retention` maintenance lease; people at psql call
--- spool.purge_finished('30 days'), which commits after every batch.
+-- CALL spool.purge_finished('30 days'), which commits after every window.
 
 create table spool.queue_retention (
     queue text not null,
@@ -27,60 +27,63 @@ create table spool.maintenance_leases (
 comment on table spool.maintenance_leases is
     'Who does periodic maintenance (retention, database metrics): one executor per lease name until expires_at.';
 
--- Finished runs by age: what retention walks, oldest first. Unfinished runs are not in it.
-create index runs_finished_idx on spool.runs (finished_at) where finished_at is not null;
-
--- Deletes at most max_runs runs finished longer ago than their queue's retention (the queue's
--- row in spool.queue_retention, else default_retention), oldest first, skipping rows locked by
--- anyone else. Returns how many it deleted.
-create function spool.purge_finished_batch(default_retention interval, max_runs int) returns int
+-- Retention walks the runs in enqueue order through the index every run already has
+-- (runs_enqueue_seq_idx), a window at a time, remembering where it stopped: no index on
+-- finished_at, which every finishing run would pay for in WAL.
+--
+-- One window: the `window_size` runs after `after_seq` in enqueue order; deletes those of them
+-- finished longer ago than their queue's retention (the queue's row in spool.queue_retention,
+-- else default_retention), skipping rows locked by anyone else. Returns how many it deleted, the
+-- last enqueue_seq it looked at (null past the end) and that run's created_at (a walker stops
+-- where runs are too young to have expired).
+create function spool.purge_finished_window(default_retention interval, after_seq bigint, window_size int)
+returns table (purged int, last_seq bigint, last_created_at timestamptz)
 language sql as $$
-    -- the ids as an array: the delete then probes the primary key for each, whatever the
-    -- planner guesses about how many there are
-    with gone as (
+    with win as (
+        select r.id, r.enqueue_seq, r.queue, r.finished_at, r.created_at
+          from spool.runs r
+         where r.enqueue_seq > after_seq
+         order by r.enqueue_seq
+         limit window_size
+    ), gone as (
+        -- the ids as an array: the delete probes the primary key for each, whatever the
+        -- planner guesses about how many there are
         delete from spool.runs r
          where r.id = any (array(
-                   select o.id from spool.runs o
-                    where o.finished_at < now() - least(default_retention,
-                                                        coalesce((select min(q.retention) from spool.queue_retention q),
-                                                                 default_retention))
-                      and o.finished_at < now() - coalesce((select q.retention from spool.queue_retention q
-                                                             where q.queue = o.queue), default_retention)
-                    order by o.finished_at
-                    limit max_runs
+                   select x.id from spool.runs x
+                    where x.id = any (array(select w.id from win w where w.finished_at is not null))
+                      and x.finished_at < now() - coalesce((select q.retention from spool.queue_retention q
+                                                             where q.queue = x.queue), default_retention)
                       for update skip locked))
         returning 1
     )
-    select count(*)::int from gone;
+    select (select count(*)::int from gone),
+           (select max(w.enqueue_seq) from win w),
+           (select w.created_at from win w order by w.enqueue_seq desc limit 1);
 $$;
 
-comment on function spool.purge_finished_batch(interval, int) is
-    'One retention batch: deletes at most max_runs finished runs older than their queue''s retention.';
+comment on function spool.purge_finished_window(interval, bigint, int) is
+    'One retention window: deletes the expired runs among the window_size runs after after_seq (enqueue order).';
 
 -- For psql: CALL spool.purge_finished('30 days'); deletes every run finished longer ago than
--- older_than, whatever its queue, in batches that each commit (so no lock is held for long).
+-- older_than, whatever its queue, walking the table in windows of batch_size runs that each
+-- commit (so no lock is held for long).
 -- Cannot run inside a transaction block. Returns how many runs it deleted.
 create procedure spool.purge_finished(older_than interval, batch_size int default 1000,
                                       inout purged bigint default 0)
 language plpgsql as $$
 declare
+    cursor_seq bigint := 0;
     n int;
+    last bigint;
 begin
     purged := coalesce(purged, 0);
     loop
-        with gone as (
-            delete from spool.runs r
-             where r.id = any (array(
-                       select o.id from spool.runs o
-                        where o.finished_at < now() - older_than
-                        order by o.finished_at
-                        limit batch_size
-                          for update skip locked))
-            returning 1
-        )
-        select count(*) into n from gone;
+        select w.purged, w.last_seq into n, last
+          from spool.purge_finished_window(older_than, cursor_seq, batch_size) w;
         purged := purged + n;
         commit;
-        exit when n < batch_size;
+        exit when last is null;
+        cursor_seq := last;
     end loop;
 end $$;

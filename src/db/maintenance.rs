@@ -1,5 +1,5 @@
 //! SQL for periodic maintenance: the leases that make one executor at a time do it, and the
-//! retention batch (`spool.purge_finished_batch`).
+//! retention window (`spool.purge_finished_window`).
 
 use std::time::Duration;
 
@@ -32,23 +32,60 @@ pub async fn try_lease(
     Ok(row.is_some())
 }
 
-/// Deletes at most `max_runs` runs finished longer ago than their queue's retention (or
-/// `retention`); returns how many.
-pub async fn purge_finished_batch(
+/// One retention window (`spool.purge_finished_window`): the expired runs among the `window`
+/// runs after `after_seq` in enqueue order are deleted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Window {
+    pub purged: i32,
+    /// The last enqueue_seq looked at; `None` past the end of the table.
+    pub last_seq: Option<i64>,
+    /// How long ago the last run looked at was created, in seconds.
+    pub last_age: Option<f64>,
+}
+
+pub async fn purge_finished_window(
     client: &impl Conn,
     retention: Duration,
-    max_runs: i32,
-) -> Result<i32, DbError> {
+    after_seq: i64,
+    window: i32,
+) -> Result<Window, DbError> {
     let stmt = client
-        .stmt("select spool.purge_finished_batch(make_interval(secs => $1::float8), $2)")
+        .stmt(
+            "select w.purged, w.last_seq, extract(epoch from now() - w.last_created_at)::float8
+               from spool.purge_finished_window(make_interval(secs => $1::float8), $2, $3) w",
+        )
         .await
         .map_err(DbError::from_pg)?;
     let row = client
         .pg()
-        .query_one(&stmt, &[&retention.as_secs_f64(), &max_runs])
+        .query_one(&stmt, &[&retention.as_secs_f64(), &after_seq, &window])
         .await
         .map_err(DbError::from_pg)?;
-    Ok(row.get(0))
+    Ok(Window {
+        purged: row.get(0),
+        last_seq: row.get(1),
+        last_age: row.get(2),
+    })
+}
+
+/// The shortest retention of any queue (`retention` or a shorter `spool.queue_retention` row).
+pub async fn shortest_retention(
+    client: &impl Conn,
+    retention: Duration,
+) -> Result<Duration, DbError> {
+    let stmt = client
+        .stmt(
+            "select least($1::float8, coalesce((select min(extract(epoch from q.retention))::float8
+                                                  from spool.queue_retention q), $1::float8))",
+        )
+        .await
+        .map_err(DbError::from_pg)?;
+    let row = client
+        .pg()
+        .query_one(&stmt, &[&retention.as_secs_f64()])
+        .await
+        .map_err(DbError::from_pg)?;
+    Ok(Duration::from_secs_f64(row.get::<_, f64>(0).max(0.0)))
 }
 
 /// Whether any run is executing anywhere (the partial index of running runs answers it).

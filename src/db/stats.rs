@@ -1,7 +1,7 @@
 //! SQL for the database's metrics (`/metrics` of the executor holding the `metrics` lease): the
-//! queues' depth and oldest ready age, recent ends, runs nobody can execute, executors and their
-//! leases. Each query reads only unfinished runs (through the partial indexes that hold them),
-//! runs finished in the last minute (through the finished index) or the executors table.
+//! queues' depth and oldest ready age, runs nobody can execute, executors and their leases. Each
+//! query reads only unfinished runs (through the partial indexes that hold them) or the executors
+//! table; how runs end is counted by each process (`spool_runs_*_total`).
 
 use super::{Conn, DbError};
 
@@ -28,8 +28,6 @@ pub struct ExecutorState {
 #[derive(Debug, Clone, Default)]
 pub struct DbStats {
     pub queues: Vec<QueueDepth>,
-    /// (queue, status, runs) that ended in the last minute.
-    pub finished_last_minute: Vec<(String, String, i64)>,
     /// (queue, runs) that no live executor can execute.
     pub unrunnable: Vec<(String, i64)>,
     /// Executors not stopped, or stopped within the last hour.
@@ -59,12 +57,6 @@ pub async fn collect(client: &impl Conn) -> Result<DbStats, DbError> {
         oldest_ready_age: r.get(4),
     })
     .collect();
-    let finished_last_minute = q("select queue, status, count(*) from spool.runs
-          where finished_at > now() - interval '1 minute' group by 1, 2 order by 1, 2")
-    .await?
-    .iter()
-    .map(|r| (r.get(0), r.get(1), r.get(2)))
-    .collect();
     let unrunnable = q("select queue, count(*) from spool.unrunnable_runs group by 1 order by 1")
         .await?
         .iter()
@@ -86,7 +78,6 @@ pub async fn collect(client: &impl Conn) -> Result<DbStats, DbError> {
     .collect();
     Ok(DbStats {
         queues,
-        finished_last_minute,
         unrunnable,
         executors,
     })

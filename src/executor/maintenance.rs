@@ -1,20 +1,22 @@
 //! Periodic maintenance that one executor at a time does, each under its own lease in
 //! `spool.maintenance_leases`:
-//! - `metrics`: reading the database's metrics (queue depth and oldest ready age, recent ends,
-//!   runs nobody can execute, executors and their lease age) once per interval; the holder serves
+//! - `metrics`: reading the database's metrics (queue depth and oldest ready age, runs nobody can
+//!   execute, executors and their lease age) once per interval; the holder serves
 //!   them at its `/metrics`, so a scrape of every executor counts each once;
 //! - `retention`: deleting runs finished longer ago than their queue's retention, with their
 //!   steps.
 //!
-//! Every `maintenance_interval` (jittered) each executor asks for the `retention` lease
-//! (`spool.maintenance_leases`, three intervals long); the one that holds it deletes in batches of
-//! [`PURGE_BATCH`] runs, one statement (one short transaction) per batch, until a batch comes back
-//! short or [`PURGE_BUDGET`] has passed, so a large backlog drains over several rounds without
-//! holding locks or a connection for long. While runs are executing anywhere, deletion yields to
-//! them: after each batch it pauses [`BUSY_PAUSE_FACTOR`] times as long as the batch took, so it
-//! uses about a tenth of one database connection's time; an old backlog then goes fastest when
-//! the queue is quiet. It runs beside the control loop, on the executor's pool, and never touches
-//! an unfinished run.
+//! Retention walks the table in enqueue order, [`PURGE_WINDOW`] runs per statement (one short
+//! transaction each), from where it stopped, deleting the expired ones; no index on `finished_at`
+//! is needed, so finishing a run costs nothing extra. A sweep ends at the end of the table or at
+//! runs too young to have expired (created within the shortest retention); the next sweep starts
+//! from the beginning [`SWEEP_PAUSE`] later. A round stops after [`PURGE_BUDGET`] and the next
+//! round continues the sweep, so a large backlog drains over several rounds without holding locks
+//! or a connection for long. While runs are executing anywhere, deletion yields to them: after
+//! each window that deleted something it pauses [`BUSY_PAUSE_FACTOR`] times as long as the
+//! window took, so it uses about a tenth of one database connection's time; an old backlog then
+//! goes fastest when the queue is quiet. It runs beside the control loop, on the executor's pool,
+//! and never touches an unfinished run.
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
@@ -28,8 +30,10 @@ use tokio_util::sync::CancellationToken;
 use super::{jittered, Metrics};
 use crate::db::{maintenance, stats};
 
-/// Runs deleted per statement.
-pub const PURGE_BATCH: i32 = 500;
+/// Runs looked at (and at most deleted) per statement.
+pub const PURGE_WINDOW: i32 = 1000;
+/// After a sweep reaches its end, the next one starts this much later.
+const SWEEP_PAUSE: Duration = Duration::from_secs(60);
 /// Longest a retention round keeps deleting before it yields to the next round.
 const PURGE_BUDGET: Duration = Duration::from_secs(2);
 /// While runs execute, each batch is followed by a pause this many times its own duration.
@@ -44,8 +48,18 @@ pub(super) struct Maintenance {
     pub metrics: Arc<Metrics>,
 }
 
+/// Where the retention walk stands.
+#[derive(Debug, Default)]
+struct Sweep {
+    /// The last enqueue_seq looked at in this sweep.
+    cursor: i64,
+    /// When the next sweep may start (after one reached its end).
+    next_sweep: Option<Instant>,
+}
+
 impl Maintenance {
     pub async fn run(self, stop: CancellationToken) {
+        let mut sweep = Sweep::default();
         loop {
             if let Err(e) = self.metrics_round().await {
                 *self.metrics.db_snapshot.lock().unwrap() = None;
@@ -56,7 +70,7 @@ impl Maintenance {
                 _ = tokio::time::sleep(jittered(self.interval)) => {}
             }
             if let Some(retention) = self.retention {
-                if let Err(e) = self.retention_round(retention, &stop).await {
+                if let Err(e) = self.retention_round(retention, &mut sweep, &stop).await {
                     tracing::warn!(error = %e, "retention round failed; will retry");
                 }
             }
@@ -81,28 +95,47 @@ impl Maintenance {
     async fn retention_round(
         &self,
         retention: Duration,
+        sweep: &mut Sweep,
         stop: &CancellationToken,
     ) -> Result<(), crate::db::DbError> {
+        if sweep.next_sweep.is_some_and(|t| Instant::now() < t) {
+            return Ok(());
+        }
         let client = self.pool.get().await?;
         let ttl = self.interval * 3;
         if !maintenance::try_lease(&client, "retention", &self.executor_id, ttl).await? {
+            *sweep = Sweep::default();
             return Ok(());
         }
+        let young = maintenance::shortest_retention(&client, retention).await?;
         let started = Instant::now();
         let mut purged = 0u64;
         while !stop.is_cancelled() && started.elapsed() < PURGE_BUDGET {
             let busy = self.metrics.in_flight.load(Ordering::Relaxed) > 0
                 || maintenance::any_running(&client).await?;
-            let batch_started = Instant::now();
-            let n = maintenance::purge_finished_batch(&client, retention, PURGE_BATCH).await?;
-            purged += n as u64;
-            self.metrics.purged.fetch_add(n as u64, Ordering::Relaxed);
-            if n < PURGE_BATCH {
-                break;
+            let window_started = Instant::now();
+            let w =
+                maintenance::purge_finished_window(&client, retention, sweep.cursor, PURGE_WINDOW)
+                    .await?;
+            purged += w.purged as u64;
+            self.metrics
+                .purged
+                .fetch_add(w.purged as u64, Ordering::Relaxed);
+            let reached_young = w.last_age.is_some_and(|age| age < young.as_secs_f64());
+            match w.last_seq {
+                Some(seq) if !reached_young => sweep.cursor = seq,
+                _ => {
+                    // the end of the table, or runs too young to have expired: sweep again later
+                    *sweep = Sweep {
+                        cursor: 0,
+                        next_sweep: Some(Instant::now() + SWEEP_PAUSE.min(young)),
+                    };
+                    break;
+                }
             }
-            if busy {
+            if busy && w.purged > 0 {
                 // yield to the runs executing (a pause, not a poll)
-                tokio::time::sleep(batch_started.elapsed() * BUSY_PAUSE_FACTOR).await;
+                tokio::time::sleep(window_started.elapsed() * BUSY_PAUSE_FACTOR).await;
             }
         }
         if purged > 0 {
@@ -153,19 +186,6 @@ fn render(s: &stats::DbStats) -> String {
         s.queues
             .iter()
             .map(|d| (q(&d.queue), format!("{:.3}", d.oldest_ready_age)))
-            .collect(),
-    );
-    family(
-        "spool_queue_runs_finished_last_minute",
-        "Runs that ended in the last minute, per queue and status",
-        s.finished_last_minute
-            .iter()
-            .map(|(queue, status, n)| {
-                (
-                    format!("{{queue=\"{queue}\",status=\"{status}\"}}"),
-                    n.to_string(),
-                )
-            })
             .collect(),
     );
     family(
