@@ -58,6 +58,10 @@ fi
 if ! command -v kubernetes-validate >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate >&2
 fi
+# the OpenAPI document of the HTTP API is checked by a validator from PyPI (tests/core/openapi.rs)
+if ! command -v openapi-spec-validator >/dev/null 2>&1; then
+  python3 -m pip install --quiet --disable-pip-version-check openapi-spec-validator >&2
+fi
 # metrics and alert rules are checked by promtool (Debian's prometheus package)
 SPOOL_TEST_PROMTOOL=${SPOOL_TEST_PROMTOOL:-$(command -v promtool || true)}
 if [ -z "$SPOOL_TEST_PROMTOOL" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

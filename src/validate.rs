@@ -10,6 +10,25 @@ pub const STATUSES: [&str; 6] = [
     "dead",
 ];
 
+/// A run's status in the OpenAPI document (the `RunStatus` schema): one of [`STATUSES`], the
+/// list the API validates against (constraint `runs_status_known`). Only its schema is used.
+pub struct RunStatus;
+
+impl utoipa::PartialSchema for RunStatus {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .enum_values(Some(STATUSES))
+            .description(Some(
+                "queued (waiting for its run_at, its key or a free executor), running, or how \
+                 it ended: succeeded, failed, cancelled or dead (out of attempts)",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for RunStatus {}
+
 fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':')
 }

@@ -4,9 +4,27 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::db::DbError;
+
+/// The body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"error": {"code": "not_found", "message": "no run with id \"order-42\""}}))]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong: a stable machine-readable `code` and a message for people.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable: scripts may branch on it (`not_found`, `invalid_request`, `unknown_workflow`, …;
+    /// each operation's responses name the codes it can answer).
+    pub code: String,
+    /// For people; its wording may change.
+    pub message: String,
+}
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -72,10 +90,12 @@ impl From<DbError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"error": {"code": self.code, "message": self.message}})),
-        )
-            .into_response()
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
     }
 }

@@ -21,6 +21,7 @@ use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::error::ErrorBody;
 use super::stream::{json_string, wire_data, AttachGuard};
 use super::{ApiError, AppState};
 use crate::db::runs::{self, Run};
@@ -30,11 +31,17 @@ use crate::live::LiveOutput;
 /// How often the next run of a key is looked for while none is running.
 const NEXT_RUN_POLL: Duration = Duration::from_millis(500);
 
-#[derive(Debug, Deserialize)]
+/// Query of `GET /v1/keys/{key}/stream`; unknown parameters are refused (400 `invalid_query`).
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct KeyQuery {
+    /// The key's queue (400 `invalid_queue`).
+    #[param(pattern = "^[A-Za-z0-9_.:-]{1,128}$", default = "default")]
     queue: Option<String>,
-    /// Resumes like `Last-Event-ID` (for a client that cannot set headers).
+    /// Resumes like `Last-Event-ID`, for a client that cannot set headers (the header wins
+    /// when both are given): `{enqueue_seq}.{id}` (400 `invalid_last_event_id`).
+    #[param(pattern = "^[0-9]+\\.[0-9]+$")]
     last_event_id: Option<String>,
 }
 
@@ -46,6 +53,34 @@ fn parse_id(header: &str) -> Option<(i64, u64)> {
     Some((run, seq as u64))
 }
 
+/// Attach to a conversation: the runs of a concurrency key, one after another (Server-Sent Events)
+///
+/// Each run of the key that starts from now on (or after the position resumed), in enqueue
+/// order, is framed by a `run` event whose data is `{"run_id", "workflow", "enqueue_seq"}`,
+/// followed by that run's attach events (`chunk`, `reset`, `done`, `failed`, `cancelled`,
+/// `unavailable`; see `GET /v1/runs/{id}/stream`). Every event id is `{enqueue_seq}.{id}`
+/// (`{enqueue_seq}.0` for `run`): reconnect with it as `Last-Event-ID` to continue exactly
+/// there. Runs that ended without starting are skipped. The stream does not end by itself;
+/// `reconnect` (the server is shutting down) is its last event. The `x-sse-events` extension
+/// gives each event's data as a JSON schema.
+#[utoipa::path(
+    get,
+    path = "/v1/keys/{key}/stream",
+    tag = "live output",
+    params(
+        ("key" = String, Path, description = "The concurrency key: 1–1024 bytes.", min_length = 1, max_length = 1024),
+        ("Last-Event-ID" = Option<String>, Header, nullable = false, description = "Resume right after this event: `{enqueue_seq}.{id}` (400 `invalid_last_event_id`).", pattern = "^[0-9]+\\.[0-9]+$"),
+        KeyQuery,
+    ),
+    responses(
+        (status = 200, description = "The event stream.", content_type = "text/event-stream", body = String,
+            example = json!("id: 12.0\nevent: run\ndata: {\"enqueue_seq\":12,\"run_id\":\"r1\",\"workflow\":\"llm.chat\"}\n\nid: 12.3\nevent: chunk\ndata: \"Hello\"\n\n")),
+        (status = 400, description = "`invalid_concurrency_key`, `invalid_queue`, `invalid_last_event_id`, `invalid_query`.", body = ErrorBody),
+        (status = 429, description = "`too_many_attachers`: too many clients are attached to this key or to this server; try again later.", body = ErrorBody),
+        (status = 500, description = "`internal`: an unexpected database error (details go to the server's log).", body = ErrorBody),
+        (status = 503, description = "`unavailable`: live output is not configured on this server (no `NATS_URL`), or the database is unreachable.", body = ErrorBody),
+    )
+)]
 pub async fn attach_key(
     State(state): State<AppState>,
     Path(key): Path<String>,

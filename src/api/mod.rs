@@ -6,6 +6,7 @@
 pub mod edge;
 mod error;
 mod key_stream;
+pub mod openapi;
 mod overview;
 mod runs;
 pub mod server;
@@ -70,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(v1)
+        .merge(openapi::routes(state.clone()))
         .merge(crate::ui::routes(state.clone()))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(state.max_body_bytes))

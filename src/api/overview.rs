@@ -8,15 +8,22 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::error::ErrorBody;
+use super::openapi::schemas::{CountsResponse, ExecutorList, QueueOverview};
 use super::{ApiError, AppState};
 use crate::db::overview::{self, CountFilter};
 
-/// Filters of `GET /v1/counts`.
-#[derive(Debug, Deserialize)]
+/// Filters of `GET /v1/counts` (an empty value matches everything); unknown parameters are
+/// refused (400 `invalid_query`).
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct CountQuery {
+    /// Only runs of this workflow.
     workflow: Option<String>,
+    /// Only runs of this queue.
     queue: Option<String>,
+    /// Only runs of this concurrency key.
     concurrency_key: Option<String>,
 }
 
@@ -24,6 +31,19 @@ pub struct CountQuery {
 const MAX_KEYS: i64 = 100;
 const MAX_UNRUNNABLE: i64 = 100;
 
+/// Runs per status
+#[utoipa::path(
+    get,
+    path = "/v1/counts",
+    tag = "overview",
+    params(CountQuery),
+    responses(
+        (status = 200, description = "Every status, zero when no run has it.", body = CountsResponse),
+        (status = 400, description = "`invalid_query`: an unknown parameter.", body = ErrorBody),
+        (status = 500, description = "`internal`: an unexpected database error (details go to the server's log).", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the database is unreachable; try again.", body = ErrorBody),
+    )
+)]
 pub async fn counts(
     State(state): State<AppState>,
     query: Result<Query<CountQuery>, QueryRejection>,
@@ -40,12 +60,34 @@ pub async fn counts(
     Ok(Json(json!({ "counts": counts })))
 }
 
+/// Executors and their leases
+#[utoipa::path(
+    get,
+    path = "/v1/executors",
+    tag = "overview",
+    responses(
+        (status = 200, description = "Every executor of `spool.executor_liveness`, live ones first.", body = ExecutorList),
+        (status = 500, description = "`internal`: an unexpected database error (details go to the server's log).", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the database is unreachable; try again.", body = ErrorBody),
+    )
+)]
 pub async fn executors(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
     let executors = overview::executors(&client).await?;
     Ok(Json(json!({ "executors": executors })))
 }
 
+/// Queue depth, the busiest keys and the runs nobody can execute
+#[utoipa::path(
+    get,
+    path = "/v1/queues",
+    tag = "overview",
+    responses(
+        (status = 200, description = "Unfinished work per queue, the 100 concurrency keys waiting longest and up to 100 runs no live executor can execute, with the reason.", body = QueueOverview),
+        (status = 500, description = "`internal`: an unexpected database error (details go to the server's log).", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the database is unreachable; try again.", body = ErrorBody),
+    )
+)]
 pub async fn queues(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
     Ok(Json(

@@ -10,37 +10,94 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::ErrorBody;
+use super::openapi::schemas::{IncludeField, RunList, StepList};
 use super::{ApiError, AppState};
 use crate::db::runs::{self, NewRun, Run, RunFilter};
 use crate::db::{executors, steps};
 use crate::validate;
 
-/// Body of `POST /v1/runs`.
-#[derive(Debug, Deserialize)]
+/// Body of `POST /v1/runs`. Fields not listed here are refused (422 `invalid_request`).
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"workflow": "ticker", "id": "order-42", "input": {"count": 3, "interval_ms": 100, "steps": 3}}))]
 pub struct EnqueueRequest {
+    /// A workflow this server or a live executor knows (422 `unknown_workflow` names them).
     workflow: String,
+    /// The run's input, any JSON; `{}` when absent or `null`.
     #[serde(default)]
+    #[schema(value_type = Value, default = json!({}))]
     input: Option<Value>,
+    /// Makes the request idempotent: the same id with the same request answers 200 with the
+    /// existing run, with another request 409 `id_conflict`. Default: a new UUID. 1–128
+    /// letters, digits, `-`, `_`, `:` (422 `invalid_id`).
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9_:-]{1,128}$")]
     id: Option<String>,
+    /// 1–128 letters, digits, `-`, `_`, `:`, `.` (422 `invalid_queue`).
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,128}$", default = "default")]
     queue: Option<String>,
+    /// Runs with the same (queue, key) run one at a time, in enqueue order. 1–1024 bytes of
+    /// UTF-8 (422 `invalid_concurrency_key`).
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 1024)]
     concurrency_key: Option<String>,
+    /// Lower runs first.
     #[serde(default)]
+    #[schema(default = 0)]
     priority: Option<i32>,
+    /// Earliest start. Give `run_at` or `delay_ms`, not both (422 `invalid_schedule`).
     #[serde(default)]
     run_at: Option<DateTime<Utc>>,
+    /// Earliest start, this many milliseconds after the database's `now()`: 0 to ten years
+    /// (422 `invalid_schedule`).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 315_360_000_000_i64)]
     delay_ms: Option<i64>,
+    /// Charged claims before the run ends `dead`: 1 to 1000 (422 `invalid_max_attempts`).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1000, default = 5)]
     max_attempts: Option<i32>,
     /// `queue` (the default) or `replace` (see `spool.runs.key_policy`).
     #[serde(default)]
+    #[schema(schema_with = key_policy_schema)]
     key_policy: Option<String>,
 }
 
+fn key_policy_schema() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .enum_values(Some([json!("queue"), json!("replace"), Value::Null]))
+        .default(Some(json!("queue")))
+        .description(Some(
+            "`queue` (the default) or `replace`: `replace` cancels the key's running run and its \
+             earlier queued runs (422 `invalid_key_policy`).",
+        ))
+}
+
+/// Enqueue a run
+///
+/// Idempotent on `id`: a retried request answers 200 with the run it created (`run_at` and
+/// `delay_ms` are not compared, a retry computes a new one).
+#[utoipa::path(
+    post,
+    path = "/v1/runs",
+    tag = "runs",
+    request_body(content = EnqueueRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The new run.", body = Run),
+        (status = 200, description = "A run with this `id` and the same request already exists: that run.", body = Run),
+        (status = 400, description = "`malformed_json`: the body is not JSON; `bad_body`: it could not be read.", body = ErrorBody),
+        (status = 409, description = "`id_conflict`: a different run with this `id` exists.", body = ErrorBody),
+        (status = 422, description = "`invalid_request` (a field unknown or of the wrong type; the message names it), `invalid_id`, `invalid_queue`, `invalid_concurrency_key`, `invalid_max_attempts`, `invalid_schedule`, `invalid_key_policy`, `unknown_workflow` (the message names the known ones), `constraint_violation` (the database refused the run; the message names the constraint).", body = ErrorBody),
+        (status = 500, description = "`internal`: an unexpected database error (details go to the server's log).", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the database is unreachable; try again.", body = ErrorBody),
+    )
+)]
 pub async fn enqueue(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
@@ -169,6 +226,20 @@ fn checked_id(id: &str) -> Result<(), ApiError> {
     validate::run_id(id).map_err(|m| ApiError::bad_request("invalid_id", m))
 }
 
+/// A run, with every value in full
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}",
+    tag = "runs",
+    params(("id" = String, Path, description = "The run's id.", pattern = "^[A-Za-z0-9_:-]{1,128}$")),
+    responses(
+        (status = 200, description = "The run.", body = Run),
+        (status = 400, description = "`invalid_id`: not a run id.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no run has this id.", body = ErrorBody),
+        (status = 500, description = "`internal`: an unexpected database error (details go to the server's log).", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the database is unreachable; try again.", body = ErrorBody),
+    )
+)]
 pub async fn show(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -181,6 +252,20 @@ pub async fn show(
         .ok_or_else(|| ApiError::not_found(format!("no run with id {id:?}")))
 }
 
+/// The run's memoized steps
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}/steps",
+    tag = "runs",
+    params(("id" = String, Path, description = "The run's id.", pattern = "^[A-Za-z0-9_:-]{1,128}$")),
+    responses(
+        (status = 200, description = "Its steps, in order.", body = StepList),
+        (status = 400, description = "`invalid_id`: not a run id.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no run has this id.", body = ErrorBody),
+        (status = 500, description = "`internal`: an unexpected database error (details go to the server's log).", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the database is unreachable; try again.", body = ErrorBody),
+    )
+)]
 pub async fn steps(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -194,6 +279,24 @@ pub async fn steps(
     Ok(Json(json!({"run_id": id, "steps": steps})))
 }
 
+/// Cancel a run
+///
+/// A queued run ends `cancelled` at once; a running one has `cancel_requested` set and ends at
+/// its next step boundary (a generation in progress stops at once).
+#[utoipa::path(
+    post,
+    path = "/v1/runs/{id}/cancel",
+    tag = "runs",
+    params(("id" = String, Path, description = "The run's id.", pattern = "^[A-Za-z0-9_:-]{1,128}$")),
+    responses(
+        (status = 200, description = "The run after the cancel.", body = Run),
+        (status = 400, description = "`invalid_id`: not a run id.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no run has this id.", body = ErrorBody),
+        (status = 409, description = "`already_finished`: the run has already ended.", body = ErrorBody),
+        (status = 500, description = "`internal`: an unexpected database error (details go to the server's log).", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the database is unreachable; try again.", body = ErrorBody),
+    )
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -215,18 +318,30 @@ pub async fn cancel(
     Ok(Json(run))
 }
 
-#[derive(Debug, Deserialize)]
+/// Query of `GET /v1/runs`; unknown parameters are refused (400 `invalid_query`).
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only runs with this status (422 `invalid_status`).
+    #[param(value_type = Option<crate::validate::RunStatus>)]
     status: Option<String>,
+    /// Only runs of this workflow.
     workflow: Option<String>,
+    /// Only runs of this queue.
     queue: Option<String>,
+    /// Only runs of this concurrency key.
     concurrency_key: Option<String>,
     /// Runs whose id starts with this.
     id_prefix: Option<String>,
+    /// Most runs on the page: 1 to 500 (422 `invalid_limit`).
+    #[param(minimum = 1, maximum = 500, default = 50)]
     limit: Option<i64>,
+    /// The `next_cursor` of the previous page (400 `invalid_cursor`).
     cursor: Option<String>,
-    /// Comma-separated: `input`, `output`, `error` in full whatever their size.
+    /// Comma-separated: `input`, `output`, `error` in full whatever their size (422
+    /// `invalid_include`).
+    #[param(value_type = Option<Vec<IncludeField>>, inline, style = Form, explode = false)]
     include: Option<String>,
 }
 
@@ -236,6 +351,24 @@ pub const LIST_INLINE_MAX: i64 = 8 * 1024;
 /// A list page stops adding runs once their values pass this many bytes (at least one run).
 pub const LIST_MAX_BYTES: i64 = 4 << 20;
 
+/// List runs, newest first
+///
+/// An `input`, `output` or `error` over 8 KiB of JSON is left out (`null`) and named with its
+/// size in `omitted` unless `include` asks for it; a page also stops once its values pass 4 MiB
+/// (at least one run). Pass `next_cursor` back as `cursor` for the next page.
+#[utoipa::path(
+    get,
+    path = "/v1/runs",
+    tag = "runs",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of runs.", body = RunList),
+        (status = 400, description = "`invalid_query`: an unknown parameter or one of the wrong type; `invalid_cursor`: not a `next_cursor`.", body = ErrorBody),
+        (status = 422, description = "`invalid_status`, `invalid_limit`, `invalid_include`.", body = ErrorBody),
+        (status = 500, description = "`internal`: an unexpected database error (details go to the server's log).", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the database is unreachable; try again.", body = ErrorBody),
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, QueryRejection>,

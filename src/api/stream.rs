@@ -47,6 +47,7 @@ use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use super::error::ErrorBody;
 use super::{ApiError, AppState};
 use crate::db::runs;
 use crate::live::attach::{self, AttachEvent};
@@ -127,11 +128,52 @@ impl Drop for AttachGuard {
 /// Query of the attach endpoints: `last_event_id` resumes like the `Last-Event-ID` header, for a
 /// client that cannot set headers on its first request (a browser's `EventSource` after a page
 /// reload).
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AttachQuery {
+    /// Resumes like `Last-Event-ID`, for a client that cannot set headers (the header wins
+    /// when both are given): a decimal from 0 to 9223372036854775807 (400
+    /// `invalid_last_event_id`).
+    #[param(pattern = "^[0-9]+$")]
     pub last_event_id: Option<String>,
 }
 
+/// Attach to a run's live output (Server-Sent Events)
+///
+/// Every chunk exactly once, in order, then the end event, whenever the client attaches. Every
+/// event has an `id:` (send it back as `Last-Event-ID` to resume right after it), an `event:`
+/// and exactly one `data:` line holding one JSON value:
+///
+/// | event | data |
+/// |---|---|
+/// | `chunk` | the chunk as a JSON string, byte for byte what the workflow emitted |
+/// | `reset` | `null`: the run restarted its output after a crash; clear what was shown |
+/// | `done` | the run's output |
+/// | `failed`, `cancelled` | the run's error, `{"code", "message", …}`, or `null` |
+/// | `unavailable` | a JSON string: live output (NATS) is unreachable; the end still arrives |
+/// | `reconnect` | a JSON string: the server is shutting down and ends the stream; reconnect with this event's id |
+///
+/// The stream ends after `done`, `failed`, `cancelled` or `reconnect`. Idle streams get
+/// keep-alive comments. The `x-sse-events` extension gives each event's data as a JSON schema.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}/stream",
+    tag = "live output",
+    params(
+        ("id" = String, Path, description = "The run's id.", pattern = "^[A-Za-z0-9_:-]{1,128}$"),
+        ("Last-Event-ID" = Option<String>, Header, nullable = false, description = "Resume right after this event: the `id:` of the last event received (0: from the start). A decimal from 0 to 9223372036854775807 (400 `invalid_last_event_id`); one above every id issued yields `reset` and the whole output.", pattern = "^[0-9]+$"),
+        AttachQuery,
+    ),
+    responses(
+        (status = 200, description = "The event stream.", content_type = "text/event-stream", body = String,
+            example = json!("id: 3\nevent: chunk\ndata: \"line one\\r\\nline two\"\n\nid: 9\nevent: done\ndata: {\"ticks\":5}\n\n")),
+        (status = 400, description = "`invalid_id`: not a run id; `invalid_last_event_id`; `invalid_query`.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no run has this id.", body = ErrorBody),
+        (status = 429, description = "`too_many_attachers`: too many clients are attached to this run or to this server; try again later.", body = ErrorBody),
+        (status = 500, description = "`internal`: an unexpected database error (details go to the server's log).", body = ErrorBody),
+        (status = 503, description = "`unavailable`: live output is not configured on this server (no `NATS_URL`), or the database is unreachable.", body = ErrorBody),
+    )
+)]
 pub async fn attach(
     State(state): State<AppState>,
     Path(id): Path<String>,

@@ -11,19 +11,27 @@ use serde_json::Value;
 
 use super::{claimer_is_current, DbError};
 
-/// One memoized step.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// One memoized step of a run.
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct StepRecord {
+    /// From 1, in the order the run executed its steps.
+    #[schema(minimum = 1)]
     pub step: i32,
     pub name: String,
+    /// What the step returned; `null` when it recorded an error.
+    #[schema(required = true, value_type = Value)]
     pub output: Option<Value>,
+    /// The error it recorded (`{"code", "message", …}`); `null` when it succeeded.
+    #[schema(required = true, value_type = Value)]
     pub error: Option<Value>,
+    /// The claim epoch of the attempt that recorded it.
     pub claim_epoch: i64,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
     /// Live-output chunks the step emitted, republished on replay.
     pub chunks: Vec<String>,
-    /// Columns that could not be decoded; empty for every row the schema and decoder agree on.
+    /// Columns that could not be decoded; absent for every row the schema and decoder agree
+    /// on.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub undecodable: Vec<String>,
 }

@@ -27,7 +27,9 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use utoipa::ToSchema;
 
+use crate::api::openapi::schemas::{ErrorBody, SessionState, SignedIn};
 use crate::api::{edge, ApiError, AppState};
 
 /// Name of the session cookie.
@@ -45,25 +47,51 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
 /// The view's routes, behind the same host and origin checks as `/v1`.
 pub fn routes(state: AppState) -> Router<AppState> {
     Router::new()
-        .route("/", get(|| async { Redirect::to("/ui/") }))
-        .route("/ui", get(|| async { Redirect::to("/ui/") }))
-        .route(
-            "/ui/",
-            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
-        )
-        .route(
-            "/ui/app.js",
-            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
-        )
-        .route(
-            "/ui/app.css",
-            get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
-        )
+        .route("/", get(root))
+        .route("/ui", get(ui_without_slash))
+        .route("/ui/", get(index))
+        .route("/ui/app.js", get(app_js))
+        .route("/ui/app.css", get(app_css))
         .route(
             "/ui/session",
             get(session_state).post(sign_in).delete(sign_out),
         )
         .layer(middleware::from_fn_with_state(state, edge::checks))
+}
+
+/// Redirects to the web view
+#[utoipa::path(get, path = "/", tag = "web view",
+    responses((status = 303, description = "To `/ui/`.", headers(("Location" = String, description = "`/ui/`")))))]
+async fn root() -> Redirect {
+    Redirect::to("/ui/")
+}
+
+/// Redirects to the web view
+#[utoipa::path(get, path = "/ui", tag = "web view",
+    responses((status = 303, description = "To `/ui/`.", headers(("Location" = String, description = "`/ui/`")))))]
+async fn ui_without_slash() -> Redirect {
+    Redirect::to("/ui/")
+}
+
+/// The web view's page
+#[utoipa::path(get, path = "/ui/", tag = "web view",
+    responses((status = 200, description = "The single-page app (no token needed: it holds no data).", content_type = "text/html", body = String)))]
+async fn index() -> Response {
+    asset("text/html; charset=utf-8", INDEX_HTML)
+}
+
+/// The web view's script
+#[utoipa::path(get, path = "/ui/app.js", tag = "web view",
+    responses((status = 200, description = "Its one JavaScript module.", content_type = "text/javascript", body = String)))]
+async fn app_js() -> Response {
+    asset("text/javascript; charset=utf-8", APP_JS)
+}
+
+/// The web view's style sheet
+#[utoipa::path(get, path = "/ui/app.css", tag = "web view",
+    responses((status = 200, description = "Its CSS.", content_type = "text/css", body = String)))]
+async fn app_css() -> Response {
+    asset("text/css; charset=utf-8", APP_CSS)
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -138,6 +166,9 @@ fn cookie(value: &str, max_age: i64, headers: &HeaderMap) -> HeaderValue {
     .expect("the cookie is ASCII")
 }
 
+/// The web view's sign-in state
+#[utoipa::path(get, path = "/ui/session", tag = "web view",
+    responses((status = 200, description = "Whether a token is needed and whether this request's session cookie is live.", body = SessionState)))]
 async fn session_state(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let signed_in = match &state.api_token {
         None => true,
@@ -155,12 +186,26 @@ async fn session_state(State(state): State<AppState>, headers: HeaderMap) -> Res
 }
 
 /// Body of `POST /ui/session`.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SignIn {
+    /// The server's `SPOOL_API_TOKEN`.
     token: String,
 }
 
+/// Sign in: trade the API token for a session cookie
+///
+/// The cookie (`spool_session`: HTTP-only, `SameSite=Strict`, twelve hours, `Secure` behind a
+/// proxy that says `X-Forwarded-Proto: https`) is accepted by `/v1` as the bearer token is. A
+/// server without a token answers 200 and sets no cookie.
+#[utoipa::path(post, path = "/ui/session", tag = "web view",
+    request_body(content = SignIn, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Signed in.", body = SignedIn,
+            headers(("Set-Cookie" = String, description = "The session cookie (only when the server has a token)."))),
+        (status = 400, description = "`invalid_body`: not `{\"token\": \"...\"}`; `bad_body`: the body could not be read.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: not this server's token.", body = ErrorBody),
+    ))]
 async fn sign_in(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -191,6 +236,10 @@ async fn sign_in(
     Ok(response)
 }
 
+/// Sign out: clear the session cookie
+#[utoipa::path(delete, path = "/ui/session", tag = "web view",
+    responses((status = 204, description = "Signed out.",
+        headers(("Set-Cookie" = String, description = "Expires the session cookie.")))))]
 async fn sign_out(headers: HeaderMap) -> Response {
     let mut response = StatusCode::NO_CONTENT.into_response();
     response

@@ -12,6 +12,7 @@ mod fencing;
 mod hostile_rows;
 mod lease;
 mod list;
+mod openapi;
 mod per_key;
 mod replay;
 mod retention;

@@ -25,32 +25,62 @@ pub(crate) const RUN_COLUMNS: &str =
      r.cancel_requested, r.output, r.error, r.created_at, r.started_at, r.finished_at, \
      r.updated_at, r.enqueue_seq";
 
-/// One row of `spool.runs`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// A run: one row of `spool.runs`. Every field is always present (`null` where the column is),
+/// but `undecodable`, which only a row the server could not fully decode has.
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Run {
+    /// 1–128 letters, digits, `-`, `_`, `:` (constraint `runs_id_format`).
+    #[schema(pattern = "^[A-Za-z0-9_:-]{1,128}$")]
     pub id: String,
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,128}$")]
     pub workflow: String,
+    /// The run's input, any JSON (`null` when the row's value could not be decoded).
     pub input: Value,
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,128}$")]
     pub queue: String,
+    /// Runs with the same (queue, key) run one at a time, in enqueue order.
+    #[schema(required = true, min_length = 1)]
     pub concurrency_key: Option<String>,
+    /// Lower runs first.
     pub priority: i32,
+    /// Earliest start.
     pub run_at: DateTime<Utc>,
+    #[schema(value_type = crate::validate::RunStatus)]
     pub status: String,
+    /// The executor that owns the run (always set while `running`).
+    #[schema(required = true)]
     pub executor_id: Option<String>,
+    /// Claims charged to the run.
+    #[schema(minimum = 0, maximum = 1_000_000)]
     pub attempt: i32,
+    /// Charged claims allowed before the run ends `dead`.
+    #[schema(minimum = 1, maximum = 1000)]
     pub max_attempts: i32,
+    /// Changes on every claim; every executor write is conditioned on it.
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_000_i64)]
     pub claim_epoch: i64,
+    /// A cancel of the running run was asked for.
     pub cancel_requested: bool,
+    /// The workflow's result, any JSON; `null` until it succeeded.
+    #[schema(required = true, value_type = Value)]
     pub output: Option<Value>,
+    /// Why it failed, was cancelled or died: `{"code", "message", …}` as Spool writes it; any
+    /// JSON in a row written by hand.
+    #[schema(required = true, value_type = Value)]
     pub error: Option<Value>,
     pub created_at: DateTime<Utc>,
+    #[schema(required = true)]
     pub started_at: Option<DateTime<Utc>>,
+    /// Set exactly when the status is terminal.
+    #[schema(required = true)]
     pub finished_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
     #[serde(skip)]
     pub enqueue_seq: i64,
-    /// Columns that could not be decoded (see [`Run::from_row_offset`]); empty for every row
-    /// the schema's constraints and the decoder agree on.
+    // (see `Run::from_row_offset`)
+    /// Columns that could not be decoded, shown as `null` (the run fails with
+    /// `undecodable_row`); absent for every row the schema's constraints and the decoder agree
+    /// on.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub undecodable: Vec<String>,
 }
