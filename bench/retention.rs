@@ -56,7 +56,7 @@ pub async fn measure(bench: &Bench, p: &RetentionParams) -> Vec<Row> {
                     Unit::PerSec("runs"),
                 )
                 .note(format!(
-                    "{:.1} s in batches of 500, one executor, while it also executed",
+                    "{:.1} s in windows of 1,000 runs, one executor, while it also executed",
                     r.purge_secs
                 )),
             );
