@@ -16,6 +16,7 @@ mod maintenance;
 pub mod metrics;
 pub mod probation;
 pub mod runner;
+mod shutdown;
 pub mod slots;
 mod upkeep;
 pub mod wakeup;
@@ -532,59 +533,6 @@ impl ControlLoop {
             .metrics
             .in_flight
             .store(self.in_flight.len() as u64, Ordering::Relaxed);
-    }
-
-    /// Graceful shutdown: no more claims; in-flight runs get the grace period; the rest are
-    /// aborted and released to the queue so any executor continues them at once.
-    async fn drain(&mut self) {
-        let deadline = Instant::now() + self.settings.grace_period;
-        tracing::info!(in_flight = self.in_flight.len(), "draining");
-        while !self.tasks.is_empty() {
-            tokio::select! {
-                Some(done) = self.tasks.join_next() => self.reap(done),
-                _ = tokio::time::sleep_until(deadline) => break,
-            }
-        }
-        self.tasks.abort_all();
-        while let Some(done) = self.tasks.join_next().await {
-            if let Ok(id) = done {
-                // finished between the deadline and the abort
-                self.in_flight.remove(&id);
-            }
-        }
-        let waiting = self.isolation.take_waiting();
-        let waiting = waiting.into_iter().map(|r| (r.id, r.claim_epoch));
-        let in_flight = std::mem::take(&mut self.in_flight)
-            .into_iter()
-            .map(|(id, (epoch, _, _, _))| (id, epoch));
-        let mut unreachable = false;
-        for (id, epoch) in in_flight.chain(waiting) {
-            if unreachable {
-                tracing::warn!(run = %id, "not released (the database is unreachable); it stays owned: the same id replays it, or live executors adopt it after the takeover delay");
-                continue;
-            }
-            let released = self
-                .within(async {
-                    let client = self.pool.get().await?;
-                    runs::release_if_owned(&client, &id, epoch).await
-                })
-                .await;
-            match released {
-                Ok(()) => {
-                    self.deps.metrics.released.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(run = %id, "released to the queue");
-                }
-                Err(e) => {
-                    // a frozen or lost database must not hold the exit up run after run
-                    unreachable = e.is_connectivity();
-                    tracing::warn!(run = %id, error = %e, "cannot release; it stays owned: the same id replays it, or live executors adopt it after the takeover delay")
-                }
-            }
-        }
-        if let Err(e) = self.lock.mark_stopped().await {
-            tracing::warn!(error = %e, "cannot mark the executor stopped");
-        }
-        tracing::info!("drained; executor stopped");
     }
 }
 
