@@ -98,13 +98,14 @@ impl Maintenance {
         sweep: &mut Sweep,
         stop: &CancellationToken,
     ) -> Result<(), crate::db::DbError> {
-        if sweep.next_sweep.is_some_and(|t| Instant::now() < t) {
-            return Ok(());
-        }
         let client = self.pool.get().await?;
         let ttl = self.interval * 3;
+        // the holder keeps renewing between sweeps, so the walk stays with one executor
         if !maintenance::try_lease(&client, "retention", &self.executor_id, ttl).await? {
             *sweep = Sweep::default();
+            return Ok(());
+        }
+        if sweep.next_sweep.is_some_and(|t| Instant::now() < t) {
             return Ok(());
         }
         let young = maintenance::shortest_retention(&client, retention).await?;
