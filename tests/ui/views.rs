@@ -184,14 +184,16 @@ async fn a_run_page_shows_chunks_as_they_arrive_then_the_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_killed_mid_output_shows_reset_then_the_whole_output_once() {
     let mut stack = Stack::start(&[]).await;
-    enqueue_ticker(&stack.db, "crash", 30, 100, 5).await;
+    // long enough (about 6 s) that the kill lands mid-run even when a loaded machine shows the
+    // first chunks late; the end checks that it did (steps recorded under two claim epochs)
+    enqueue_ticker(&stack.db, "crash", 200, 30, 20).await;
     let chrome = Chrome::launch().await;
     let page = chrome.page(&stack.url("/ui/#/run/crash")).await;
     wait_steps(&stack.db, "crash", 1).await;
     wait_js(
         &page,
         "chunks shown",
-        "document.getElementById('output')?.textContent.includes('tick-7')",
+        "document.getElementById('output')?.textContent.includes('tick-12')",
     )
     .await;
 
@@ -206,9 +208,17 @@ async fn a_run_killed_mid_output_shows_reset_then_the_whole_output_once() {
         "document.getElementById('output').dataset.ended === 'done'",
     )
     .await;
+    let epochs = stack
+        .db
+        .scalar_i64("select count(distinct claim_epoch) from spool.operation_outputs where run_id = 'crash'")
+        .await;
+    assert_eq!(
+        epochs, 2,
+        "the kill landed mid-run: steps of two claim epochs"
+    );
     assert_eq!(
         text_of(&page, "#output").await,
-        ticker_text(30),
+        ticker_text(200),
         "every tick once, in order"
     );
     let resets: String = eval(&page, "document.getElementById('output').dataset.resets").await;
