@@ -171,6 +171,41 @@ impl Db {
         Ok(row.get(0))
     }
 
+    /// Writes every dirty page out, so the next statements log no full-page images until the
+    /// next checkpoint. A drain starts with one, so its WAL does not depend on where the last
+    /// checkpoint happened to fall (Spool and the peer alike).
+    pub async fn checkpoint(&self) -> Result<()> {
+        self.client.batch_execute("checkpoint").await?;
+        Ok(())
+    }
+
+    /// Where the WAL between two positions went, per record type (pg_walinspect): the largest
+    /// `top` types as "type bytes-per-run", and full-page images apart.
+    pub async fn wal_breakdown(&self, from: i64, to: i64, runs: i64, top: usize) -> Result<String> {
+        self.client
+            .batch_execute("create extension if not exists pg_walinspect")
+            .await?;
+        let rows = self
+            .client
+            .query(
+                r#"select "resource_manager/record_type", record_size::float8, fpi_size::float8
+                     from pg_get_wal_stats('0/0'::pg_lsn + $1::int8, '0/0'::pg_lsn + $2::int8, true)
+                    where count > 0
+                    order by combined_size desc"#,
+                &[&from, &to],
+            )
+            .await?;
+        let runs = runs.max(1) as f64;
+        let fpi: f64 = rows.iter().map(|r| r.get::<_, f64>(2)).sum();
+        let mut parts: Vec<String> = rows
+            .iter()
+            .take(top)
+            .map(|r| format!("{} {:.0}", r.get::<_, String>(0), r.get::<_, f64>(1) / runs))
+            .collect();
+        parts.push(format!("full-page images {:.0}", fpi / runs));
+        Ok(parts.join(", "))
+    }
+
     /// Commits recorded for this database so far. Backends report their counts lazily (at most
     /// once a second, and when they exit), so callers stop the processes they measure first;
     /// this connection's own counts are flushed before reading.

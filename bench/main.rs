@@ -26,6 +26,7 @@ mod retention;
 mod scale;
 mod sse;
 mod throughput;
+mod versus;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -188,11 +189,13 @@ async fn main() -> ExitCode {
     };
     let elapsed = started.elapsed();
     let table = report::table(&rows);
-    println!("\n{table}");
+    let versus = versus::table(&rows, &[]);
+    println!("\n{versus}\n{table}");
     println!("bench took {}", minutes(elapsed));
     let bench = bench_of(&args);
     let text = results_markdown(
         &machine::describe(&bench, args.commit.as_deref(), &load_at_start).await,
+        &versus,
         &table,
         elapsed,
     );
@@ -347,7 +350,7 @@ fn minutes(d: Duration) -> String {
     format!("{} min {:02} s", s / 60, s % 60)
 }
 
-fn results_markdown(machine: &str, table: &str, elapsed: Duration) -> String {
+fn results_markdown(machine: &str, versus: &str, table: &str, elapsed: Duration) -> String {
     format!(
         "# Spool benchmark results
 
@@ -357,6 +360,11 @@ took {took} (measurements only, after the release build).
 ## Machine
 
 {machine}
+## Spool against the fastest peer
+
+Every target, with Graphile Worker measured on the same cluster in the same run (section 13).
+
+{versus}
 ## Results
 
 Every figure is measured in a release build against a private PostgreSQL (durable settings) and

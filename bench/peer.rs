@@ -31,6 +31,7 @@ struct GwDrain {
     per_sec: f64,
     commits_per_job: f64,
     wal_per_job: f64,
+    wal_top: String,
 }
 
 pub async fn measure(bench: &Bench, p: &PeerParams) -> Vec<Row> {
@@ -61,14 +62,30 @@ pub async fn measure(bench: &Bench, p: &PeerParams) -> Vec<Row> {
                 Unit::PerSec("jobs"),
             )
             .note(format!(
-                "{:.3} commits/job, {:.0} WAL bytes/job; drains {:.0}, {:.0}, {:.0} jobs/s",
+                "{:.3} commits/job, {:.0} WAL bytes/job ({}); drains {:.0}, {:.0}, {:.0} jobs/s",
                 d.commits_per_job,
                 d.wal_per_job,
+                d.wal_top,
                 drains[0].per_sec,
                 drains[1].per_sec,
                 drains[2].per_sec
             )),
         );
+        rows.push(
+            Row::new(
+                13,
+                format!("{label}: WAL bytes per job (insert to finish, after a checkpoint)"),
+                d.wal_per_job,
+                Unit::Plain("B"),
+            )
+            .note(d.wal_top.clone()),
+        );
+        rows.push(Row::new(
+            13,
+            format!("{label}: commits per job"),
+            d.commits_per_job,
+            Unit::Plain(""),
+        ));
     }
     match latency(bench, &dir, p.latency_runs).await {
         Ok(ms) => {
@@ -198,6 +215,7 @@ impl Worker {
 async fn drain(bench: &Bench, dir: &Path, runs: i64, i: usize) -> Result<GwDrain> {
     let db = bench.fresh_db(&format!("bench_peer_{i}")).await?;
     let worker = Worker::start(dir, &db).await?;
+    db.checkpoint().await?;
     let commits_before = db.commits().await?;
     let wal_before = db.wal_lsn().await?;
     db.client
@@ -228,11 +246,14 @@ async fn drain(bench: &Bench, dir: &Path, runs: i64, i: usize) -> Result<GwDrain
     let secs = t0.elapsed().as_secs_f64();
     worker.stop().await?;
     let commits = db.commits().await? - commits_before - polls - 3;
-    let wal = db.wal_lsn().await? - wal_before;
+    let wal_after = db.wal_lsn().await?;
+    let wal = wal_after - wal_before;
+    let wal_top = db.wal_breakdown(wal_before, wal_after, runs, 4).await?;
     Ok(GwDrain {
         per_sec: runs as f64 / secs,
         commits_per_job: commits as f64 / runs as f64,
         wal_per_job: wal as f64 / runs as f64,
+        wal_top,
     })
 }
 

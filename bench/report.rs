@@ -87,7 +87,7 @@ impl Row {
         })
     }
 
-    fn target_text(&self) -> String {
+    pub fn target_text(&self) -> String {
         match self.target {
             None => "—".into(),
             Some(Target::AtLeast(t)) => format!("≥ {}", format_value(t, self.unit)),

@@ -182,6 +182,14 @@ pub struct StepWrite {
 /// Records many steps (of different runs) in one statement, each fenced by its run's claim
 /// epoch exactly as [`record_step_if_owned`]. Returns, in input order, whether each was
 /// recorded (with the run's cancel flag) or lost.
+///
+/// Two things keep it linear in the batch: each write's outcome is a hashed `in` over what was
+/// inserted (an `exists` over the insert's rows scans them once per write), and a step already
+/// recorded is skipped with `not exists` rather than `on conflict`, whose speculative insertion
+/// costs an extra WAL record and index check per row. Under the run's `for share` lock at this
+/// claim epoch no other fenced writer can record the same step. A row written by hand in the
+/// instant between the check and the insert fails the statement on the primary key; the batcher
+/// then sends each write alone, and only that one gets the error.
 pub async fn record_steps_if_owned(
     client: &impl Conn,
     writes: &[StepWrite],
@@ -205,11 +213,12 @@ pub async fn record_steps_if_owned(
                 select o.run_id, o.step, o.name, o.output, o.error, o.epoch, o.started_at,
                        array(select jsonb_array_elements_text(o.chunks))
                   from owner o
-                on conflict (run_id, step) do nothing
+                 where not exists (select 1 from spool.operation_outputs p
+                                    where p.run_id = o.run_id and p.step = o.step)
                 returning run_id, step
              )
              select o.run_id, o.step, o.cancel_requested,
-                    exists (select 1 from ins i where i.run_id = o.run_id and i.step = o.step)
+                    (o.run_id, o.step) in (select i.run_id, i.step from ins i)
                     or exists (select 1 from spool.operation_outputs p
                                 where p.run_id = o.run_id and p.step = o.step
                                   and p.claim_epoch = o.epoch and p.name = o.name)
