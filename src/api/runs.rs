@@ -7,7 +7,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
@@ -372,7 +374,7 @@ pub const LIST_MAX_BYTES: i64 = 4 << 20;
 pub async fn list(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     if let Some(s) = &q.status {
         if !validate::STATUSES.contains(&s.as_str()) {
@@ -437,20 +439,31 @@ pub async fn list(
     let next_cursor = more
         .then(|| listed.last().map(|l| l.run.enqueue_seq.to_string()))
         .flatten();
-    let runs: Vec<Value> = listed
-        .into_iter()
-        .map(|l| {
-            let mut v = serde_json::to_value(&l.run).unwrap_or(Value::Null);
-            if !l.omitted.is_empty() {
-                let omitted: serde_json::Map<String, Value> = l
-                    .omitted
-                    .iter()
-                    .map(|(name, bytes)| (name.to_string(), json!(bytes)))
-                    .collect();
-                v["omitted"] = Value::Object(omitted);
-            }
-            v
+    // Serialized straight from the rows: an included value is held once, not copied into a
+    // second JSON tree.
+    let runs = listed
+        .iter()
+        .map(|l| ListedRun {
+            run: &l.run,
+            omitted: l.omitted.iter().copied().collect(),
         })
         .collect();
-    Ok(Json(json!({"runs": runs, "next_cursor": next_cursor})))
+    Ok(Json(ListPage { runs, next_cursor }).into_response())
+}
+
+/// A page of `GET /v1/runs`.
+#[derive(Serialize)]
+struct ListPage<'a> {
+    runs: Vec<ListedRun<'a>>,
+    /// The `cursor` of the next page; `null` on the last one.
+    next_cursor: Option<String>,
+}
+
+/// A listed run: the run's fields, plus the JSON size of each value left out of it.
+#[derive(Serialize)]
+struct ListedRun<'a> {
+    #[serde(flatten)]
+    run: &'a Run,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    omitted: BTreeMap<&'static str, i64>,
 }

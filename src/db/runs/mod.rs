@@ -289,8 +289,10 @@ pub struct Listed {
 
 /// A page of runs, newest first, bounded by rows and by bytes: `input`, `output` and `error`
 /// larger than `inline_max` are left out unless included, and rows stop when the values so far
-/// pass `max_bytes`. Sizes are measured in Postgres, so neither the transfer nor this process's
-/// memory grows with what is left out. `more`: the page was cut by bytes or is full.
+/// pass `max_bytes` (the first row always comes, whatever its size). Sizes are measured in
+/// Postgres, so neither the transfer nor this process's memory grows with what is left out.
+/// `more`: runs matching the filter remain after the page (one row past the limit is sized to
+/// know, never fetched), so the last page says so and no empty page follows it.
 pub async fn list_runs(client: &impl Conn, f: &RunFilter) -> Result<(Vec<Listed>, bool), DbError> {
     let sql = "with page as (
            select r.*, octet_length(r.input::text) as input_len,
@@ -304,7 +306,7 @@ pub async fn list_runs(client: &impl Conn, f: &RunFilter) -> Result<(Vec<Listed>
               and ($5::int8 is null or r.enqueue_seq < $5)
               and ($12::text is null or starts_with(r.id, $12))
             order by r.enqueue_seq desc
-            limit $6
+            limit $6::int8 + 1
          ), sized as (
            select p.*,
                   512 + case when $7 or p.input_len <= $10::int8 then p.input_len else 0 end
@@ -314,6 +316,7 @@ pub async fn list_runs(client: &impl Conn, f: &RunFilter) -> Result<(Vec<Listed>
              from page p
          ), bounded as (
            select s.*, sum(s.row_bytes) over (order by s.enqueue_seq desc) as running,
+                  row_number() over (order by s.enqueue_seq desc) as n,
                   count(*) over () as page_rows
              from sized s
          )
@@ -326,7 +329,7 @@ pub async fn list_runs(client: &impl Conn, f: &RunFilter) -> Result<(Vec<Listed>
                 r.created_at, r.started_at, r.finished_at, r.updated_at, r.enqueue_seq,
                 r.input_len, r.output_len, r.error_len, r.page_rows
            from bounded r
-          where r.running - r.row_bytes < $11::int8 or r.running = r.row_bytes
+          where r.n <= $6::int8 and (r.n = 1 or r.running - r.row_bytes < $11::int8)
           order by r.enqueue_seq desc";
     let stmt = client.stmt(sql).await.map_err(DbError::from_pg)?;
     let rows = client
@@ -350,8 +353,10 @@ pub async fn list_runs(client: &impl Conn, f: &RunFilter) -> Result<(Vec<Listed>
         )
         .await
         .map_err(DbError::from_pg)?;
+    // Every row of the page but the returned ones lies after them (cut by the row limit, the
+    // byte bound, or the one row looked ahead).
     let page_rows: i64 = rows.first().map(|r| r.get(23)).unwrap_or(0);
-    let more = !rows.is_empty() && (rows.len() as i64) < page_rows || page_rows == f.limit;
+    let more = page_rows > rows.len() as i64;
     let listed = rows
         .iter()
         .map(|row| {
