@@ -91,7 +91,7 @@ struct Args {
     #[arg(long, env = "BENCH_ONLY", value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// SPOOL_CONCURRENCY of the executors.
-    #[arg(long, env = "BENCH_CONCURRENCY", default_value_t = 512)]
+    #[arg(long, env = "BENCH_CONCURRENCY", default_value_t = 2048)]
     concurrency: usize,
     /// SPOOL_CLAIM_BATCH of the executors.
     #[arg(long, env = "BENCH_CLAIM_BATCH", default_value_t = 512)]

@@ -112,7 +112,7 @@ pub struct ServeArgs {
     /// Serve a non-loopback address without a token (you take responsibility).
     #[arg(long, env = "SPOOL_ALLOW_UNAUTHENTICATED", default_value_t = false)]
     pub allow_unauthenticated: bool,
-    /// Worker slots: runs executing at once. Unset: adaptive, between 16 and 512 (many in
+    /// Worker slots: runs executing at once. Unset: adaptive, between 16 and 2048 (many in
     /// flight while runs are short and work waits, few while runs are long).
     #[arg(long, env = "SPOOL_CONCURRENCY")]
     pub concurrency: Option<usize>,

@@ -16,7 +16,7 @@ use std::time::Duration;
 pub const SHORT_RUN: Duration = Duration::from_millis(50);
 /// The adaptive limit's bounds.
 pub const ADAPTIVE_FLOOR: usize = 16;
-pub const ADAPTIVE_CAP: usize = 512;
+pub const ADAPTIVE_CAP: usize = 2048;
 
 #[derive(Debug, Clone)]
 pub struct Slots {
