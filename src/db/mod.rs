@@ -32,6 +32,37 @@ macro_rules! claimer_is_current {
 }
 pub(crate) use claimer_is_current;
 
+/// Single-row writes find their row by id and say `(status = 'running') is true` rather than
+/// `status = 'running'`: the same test (status is never null), which the planner cannot match to
+/// the partial index of running runs (`runs_owned_idx`). Statistics gathered while a backlog was
+/// queued and nothing ran estimate that index at one row; with the plain form the planner then
+/// walked every running run to find one.
+///
+/// Batched writes go further: `batch_fence!(source, id)` is the body of a materialized CTE over
+/// the writes of `source` (an `unnest(...) as u(...)` with the run id in `id`), each with its
+/// run's claimer as the row holds it now (`claimer`, `claimer_incarnation`, read by primary key
+/// one write at a time), kept only while that incarnation is its executor's current one, and
+/// `was` = 'running'. The write then joins the runs on these columns alone. With a constant or a
+/// correlated test on `spool.runs` instead, statistics taken while nothing ran (the claimer
+/// columns all null, no run running) estimated the matching runs at one row, and the planner
+/// walked every running run once per write: a batch of 512 finishes beside 2,048 running runs
+/// made a million comparisons, and the drain's speed depended on when autovacuum had last
+/// analyzed the table. Written this way every plan is linear in the batch. A run changed since
+/// it was read here (claimed again) no longer matches the join, so the fence holds.
+macro_rules! batch_fence {
+    ($source:literal, $id:literal) => {
+        concat!(
+            "select u.*, x.claimer, x.claimer_incarnation, 'running'::text as was
+               from ", $source, ",
+                    lateral (select r.executor_id as claimer, r.incarnation as claimer_incarnation
+                               from spool.runs r where r.id = ", $id, " offset 0) x
+              where exists (select 1 from spool.executors e
+                             where e.id = x.claimer and e.incarnation = x.claimer_incarnation)"
+        )
+    };
+}
+pub(crate) use batch_fence;
+
 /// Errors from the database layer, classified by SQLSTATE and constraint name.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{claimer_is_current, DbError};
+use super::{batch_fence, claimer_is_current, DbError};
 
 /// One memoized step of a run.
 #[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
@@ -118,7 +118,7 @@ pub async fn record_step_if_owned(
         .stmt(concat!(
             "with owner as (
                 select r.id, r.cancel_requested from spool.runs r
-                 where r.id = $1 and r.claim_epoch = $2 and r.status = 'running'
+                 where r.id = $1 and r.claim_epoch = $2 and (r.status = 'running') is true
                    and ",
             claimer_is_current!(),
             "
@@ -179,33 +179,19 @@ pub struct StepWrite {
     pub started_at: DateTime<Utc>,
 }
 
-/// Records many steps (of different runs) in one statement, each fenced by its run's claim
-/// epoch exactly as [`record_step_if_owned`]. Returns, in input order, whether each was
-/// recorded (with the run's cancel flag) or lost.
-///
-/// Two things keep it linear in the batch: each write's outcome is a hashed `in` over what was
-/// inserted (an `exists` over the insert's rows scans them once per write), and a step already
-/// recorded is skipped with `not exists` rather than `on conflict`, whose speculative insertion
-/// costs an extra WAL record and index check per row. Under the run's `for share` lock at this
-/// claim epoch no other fenced writer can record the same step. A row written by hand in the
-/// instant between the check and the insert fails the statement on the primary key; the batcher
-/// then sends each write alone, and only that one gets the error.
-pub async fn record_steps_if_owned(
-    client: &impl Conn,
-    writes: &[StepWrite],
-) -> Result<Vec<Result<StepRecorded, DbError>>, DbError> {
-    let stmt = client
-        .stmt(concat!(
-            "with b as (
-                select * from unnest($1::text[], $2::int8[], $3::int4[], $4::text[], $5::jsonb[],
-                                     $6::jsonb[], $7::timestamptz[], $8::jsonb[])
-                       as b(run_id, epoch, step, name, output, error, started_at, chunks)
-             ), owner as (
-                select r.cancel_requested, b.* from spool.runs r join b on b.run_id = r.id
-                 where r.claim_epoch = b.epoch and r.status = 'running'
-                   and ",
-            claimer_is_current!(),
-            "
+/// The statement of [`record_steps_if_owned`] (public for the tests of its plan).
+pub const RECORD_STEPS_SQL: &str = concat!(
+    "with b as materialized (",
+    batch_fence!(
+        "unnest($1::text[], $2::int8[], $3::int4[], $4::text[], $5::jsonb[],
+                        $6::jsonb[], $7::timestamptz[], $8::jsonb[])
+                    as u(run_id, epoch, step, name, output, error, started_at, chunks)",
+        "u.run_id"
+    ),
+    "), owner as (
+                select r.cancel_requested, b.* from spool.runs r
+                  join b on r.id = b.run_id and r.claim_epoch = b.epoch and r.status = b.was
+                        and r.executor_id = b.claimer and r.incarnation = b.claimer_incarnation
                  for share of r
              ), ins as (
                 insert into spool.operation_outputs
@@ -223,7 +209,26 @@ pub async fn record_steps_if_owned(
                                 where p.run_id = o.run_id and p.step = o.step
                                   and p.claim_epoch = o.epoch and p.name = o.name)
                from owner o"
-        ))
+);
+
+/// Records many steps (of different runs) in one statement, each fenced by its run's claim
+/// epoch exactly as [`record_step_if_owned`]. Returns, in input order, whether each was
+/// recorded (with the run's cancel flag) or lost.
+///
+/// Three things keep it linear in the batch: the fence is [`batch_fence!`] (see there), each
+/// write's outcome is a hashed `in` over what was inserted (an `exists` over the insert's rows
+/// scans them once per write), and a step already
+/// recorded is skipped with `not exists` rather than `on conflict`, whose speculative insertion
+/// costs an extra WAL record and index check per row. Under the run's `for share` lock at this
+/// claim epoch no other fenced writer can record the same step. A row written by hand in the
+/// instant between the check and the insert fails the statement on the primary key; the batcher
+/// then sends each write alone, and only that one gets the error.
+pub async fn record_steps_if_owned(
+    client: &impl Conn,
+    writes: &[StepWrite],
+) -> Result<Vec<Result<StepRecorded, DbError>>, DbError> {
+    let stmt = client
+        .stmt(RECORD_STEPS_SQL)
         .await
         .map_err(DbError::from_pg)?;
     let ids: Vec<&str> = writes.iter().map(|w| w.run_id.as_str()).collect();

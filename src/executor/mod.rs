@@ -495,21 +495,16 @@ impl ControlLoop {
     /// The periodic catch-up for cancellations whose notification was missed (the listener
     /// was reconnecting): one statement over the runs executing here.
     async fn poll_cancellations(&self) {
-        let ids: Vec<String> = self
-            .in_flight
-            .iter()
-            .filter(|(_, (_, _, c, _))| !c.is_cancelled())
-            .map(|(id, _)| id.clone())
-            .collect();
-        if ids.is_empty() {
+        if self.in_flight.is_empty() {
             return;
         }
         let flagged = self
             .within(async {
                 let client = self.deps.pool.get().await?;
-                crate::db::runs::cancel_requested_among(&client, &ids).await
+                crate::db::runs::cancel_requested_of(&client, &self.settings.executor_id).await
             })
             .await;
+        // runs it owns but no longer executes (finishing, or left by a crash) are not in flight
         for id in flagged.unwrap_or_default() {
             self.cancel_in_flight(&id);
         }

@@ -14,6 +14,7 @@ mod lease;
 mod list;
 mod openapi;
 mod per_key;
+mod plans;
 mod replay;
 mod retention;
 mod schema;

@@ -28,6 +28,11 @@ pub struct Claimant<'a> {
 /// (`runs_one_running_per_key`): when inserts commit out of order and two claimers race for one
 /// key, the loser's statement fails on that index and is retried with a fresh snapshot, which
 /// skips the key.
+///
+/// The update finds the locked candidates by their tuple ids (a TID scan), not by id: each
+/// candidate is locked by this statement, so its tuple id is its current version. By id, the
+/// primary key was probed once per run and each heap row was checked against the whole array
+/// of ids.
 pub async fn claim(
     client: &impl Conn,
     who: &Claimant<'_>,
@@ -58,7 +63,7 @@ async fn claim_once(
              where e.id = $1 and e.incarnation = $2 and e.stopped_at is null
              for share
          ), candidates as (
-            select r.id from spool.runs r
+            select r.ctid as tid from spool.runs r
              where r.status = 'queued'
                and r.key_ready
                and r.run_at <= now()
@@ -88,7 +93,7 @@ async fn claim_once(
                 attempt = r.attempt + 1,
                 started_at = coalesce(r.started_at, now()),
                 updated_at = now()
-          where r.id = any(array(select id from candidates))
+          where r.ctid = any(array(select tid from candidates))
          returning {RUN_COLUMNS}"
     );
     let stmt = client.stmt(&sql).await.map_err(DbError::from_pg)?;

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_postgres::Row;
 
-use super::{claimer_is_current, DbError};
+use super::{batch_fence, claimer_is_current, DbError};
 
 mod claim;
 mod watch;
@@ -410,7 +410,7 @@ pub async fn finish_if_owned(
         .stmt(concat!(
             "update spool.runs r
                 set status = $3, output = $4, error = $5, finished_at = now(), updated_at = now()
-              where id = $1 and claim_epoch = $2 and status = 'running'
+              where id = $1 and claim_epoch = $2 and (status = 'running') is true
                 and ",
             claimer_is_current!()
         ))
@@ -445,7 +445,7 @@ pub async fn release_if_owned(
                 update spool.runs r
                    set status = 'queued', executor_id = null, incarnation = null,
                        attempt = greatest(attempt - 1, 0), updated_at = now()
-                 where id = $1 and claim_epoch = $2 and status = 'running'
+                 where id = $1 and claim_epoch = $2 and (status = 'running') is true
                    and ",
             claimer_is_current!(),
             "
@@ -495,6 +495,24 @@ pub struct Finish {
     pub error: Option<Value>,
 }
 
+/// The statement of [`finish_many_if_owned`] (public for the tests of its plan).
+pub const FINISH_MANY_SQL: &str = concat!(
+    "with b as materialized (",
+    batch_fence!(
+        "unnest($1::text[], $2::int8[], $3::text[], $4::jsonb[], $5::jsonb[])
+                    as u(id, epoch, status, output, error)",
+        "u.id"
+    ),
+    ")
+             update spool.runs r
+                set status = b.status, output = b.output, error = b.error,
+                    finished_at = now(), updated_at = now()
+               from b
+              where r.id = b.id and r.claim_epoch = b.epoch and r.status = b.was
+                and r.executor_id = b.claimer and r.incarnation = b.claimer_incarnation
+             returning r.id"
+);
+
 /// Ends many runs in one statement, each exactly as [`finish_if_owned`]. Returns, in input
 /// order, whether each run was finished or lost.
 pub async fn finish_many_if_owned(
@@ -502,18 +520,7 @@ pub async fn finish_many_if_owned(
     finishes: &[Finish],
 ) -> Result<Vec<Result<(), DbError>>, DbError> {
     let stmt = client
-        .stmt(concat!(
-            "update spool.runs r
-                set status = b.status, output = b.output, error = b.error,
-                    finished_at = now(), updated_at = now()
-               from unnest($1::text[], $2::int8[], $3::text[], $4::jsonb[], $5::jsonb[])
-                    as b(id, epoch, status, output, error)
-              where r.id = b.id and r.claim_epoch = b.epoch and r.status = 'running'
-                and ",
-            claimer_is_current!(),
-            "
-             returning r.id"
-        ))
+        .stmt(FINISH_MANY_SQL)
         .await
         .map_err(DbError::from_pg)?;
     let ids: Vec<&str> = finishes.iter().map(|f| f.id.as_str()).collect();
@@ -557,18 +564,22 @@ pub async fn finish_many_if_owned(
         .collect())
 }
 
-/// The runs among `ids` whose cancellation was requested while they run.
-pub async fn cancel_requested_among(
+/// The running runs of `executor_id` whose cancellation was requested: a walk of the partial
+/// index of running runs, one executor's share of it, however many runs it executes.
+pub async fn cancel_requested_of(
     client: &impl Conn,
-    ids: &[String],
+    executor_id: &str,
 ) -> Result<Vec<String>, DbError> {
     let stmt = client
-        .stmt("select id from spool.runs where id = any($1) and cancel_requested and status = 'running'")
+        .stmt(
+            "select id from spool.runs
+              where executor_id = $1 and status = 'running' and cancel_requested",
+        )
         .await
         .map_err(DbError::from_pg)?;
     let rows = client
         .pg()
-        .query(&stmt, &[&ids])
+        .query(&stmt, &[&executor_id])
         .await
         .map_err(DbError::from_pg)?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
