@@ -184,8 +184,9 @@ pub const RECORD_STEPS_SQL: &str = concat!(
     "with b as materialized (",
     batch_fence!(
         "unnest($1::text[], $2::int8[], $3::int4[], $4::text[], $5::jsonb[],
-                        $6::jsonb[], $7::timestamptz[], $8::jsonb[])
-                    as u(run_id, epoch, step, name, output, error, started_at, chunks)",
+                        $6::jsonb[], $7::timestamptz[], $8::int4[], $9::int4[])
+                    as u(run_id, epoch, step, name, output, error, started_at,
+                         chunks_from, chunks_to)",
         "u.run_id"
     ),
     "), owner as (
@@ -197,7 +198,7 @@ pub const RECORD_STEPS_SQL: &str = concat!(
                 insert into spool.operation_outputs
                        (run_id, step, name, output, error, claim_epoch, started_at, chunks)
                 select o.run_id, o.step, o.name, o.output, o.error, o.epoch, o.started_at,
-                       array(select jsonb_array_elements_text(o.chunks))
+                       ($10::text[])[o.chunks_from:o.chunks_to]
                   from owner o
                  where not exists (select 1 from spool.operation_outputs p
                                     where p.run_id = o.run_id and p.step = o.step)
@@ -215,10 +216,11 @@ pub const RECORD_STEPS_SQL: &str = concat!(
 /// epoch exactly as [`record_step_if_owned`]. Returns, in input order, whether each was
 /// recorded (with the run's cancel flag) or lost.
 ///
-/// Three things keep it linear in the batch: the fence is [`batch_fence!`] (see there), each
-/// write's outcome is a hashed `in` over what was inserted (an `exists` over the insert's rows
-/// scans them once per write), and a step already
-/// recorded is skipped with `not exists` rather than `on conflict`, whose speculative insertion
+/// Its cost stays linear in the batch and small per write: the fence is [`batch_fence!`] (see
+/// there); each write's outcome is a hashed `in` over what was inserted (an `exists` over the
+/// insert's rows scans them once per write); the chunks of all writes come as one flat array
+/// that each write slices (an array built per write from JSON was a subquery per row); and a
+/// step already recorded is skipped with `not exists` rather than `on conflict`, whose speculative insertion
 /// costs an extra WAL record and index check per row. Under the run's `for share` lock at this
 /// claim epoch no other fenced writer can record the same step. A row written by hand in the
 /// instant between the check and the insert fails the statement on the primary key; the batcher
@@ -238,16 +240,26 @@ pub async fn record_steps_if_owned(
     let outputs: Vec<Option<&Value>> = writes.iter().map(|w| w.output.as_ref()).collect();
     let errors: Vec<Option<&Value>> = writes.iter().map(|w| w.error.as_ref()).collect();
     let started: Vec<DateTime<Utc>> = writes.iter().map(|w| w.started_at).collect();
-    let chunks: Vec<Value> = writes
+    // every write's chunks in one flat array; write i has elements from[i]..=to[i] (1-based,
+    // to = from - 1 when it has none)
+    let chunks: Vec<&str> = writes
         .iter()
-        .map(|w| Value::from(w.chunks.clone()))
+        .flat_map(|w| w.chunks.iter().map(String::as_str))
         .collect();
+    let mut from = Vec::with_capacity(writes.len());
+    let mut to = Vec::with_capacity(writes.len());
+    let mut end = 0_i32;
+    for w in writes {
+        from.push(end + 1);
+        end += w.chunks.len() as i32;
+        to.push(end);
+    }
     let rows = client
         .pg()
         .query(
             &stmt,
             &[
-                &ids, &epochs, &steps, &names, &outputs, &errors, &started, &chunks,
+                &ids, &epochs, &steps, &names, &outputs, &errors, &started, &from, &to, &chunks,
             ],
         )
         .await

@@ -146,7 +146,8 @@ async fn a_batch_of_steps_beside_thousands_of_running_runs_touches_rows_linearly
     let outputs: Vec<Option<Value>> = vec![Some(serde_json::json!(1)); ids.len()];
     let errors: Vec<Option<Value>> = vec![None; ids.len()];
     let started = vec![chrono::Utc::now(); ids.len()];
-    let chunks: Vec<Value> = vec![serde_json::json!([]); ids.len()];
+    let from: Vec<i32> = (0..ids.len() as i32).map(|i| i + 1).collect();
+    let chunks: Vec<String> = (0..ids.len()).map(|i| format!("chunk {i}")).collect();
     for mode in ["force_custom_plan", "force_generic_plan"] {
         let (touched, recorded) = explain(
             &db,
@@ -160,10 +161,12 @@ async fn a_batch_of_steps_beside_thousands_of_running_runs_touches_rows_linearly
                 "jsonb[]",
                 "jsonb[]",
                 "timestamptz[]",
-                "jsonb[]",
+                "int4[]",
+                "int4[]",
+                "text[]",
             ],
             &[
-                &ids, &epochs, &steps, &names, &outputs, &errors, &started, &chunks,
+                &ids, &epochs, &steps, &names, &outputs, &errors, &started, &from, &from, &chunks,
             ],
         )
         .await;
