@@ -97,6 +97,11 @@ impl ExecutorLock {
                 Err(IdentityError::InUse(id)) => return Err(IdentityError::Superseded(id)),
                 other => other?,
             };
+        // The id's lock is this session's from here on. If registering it times out (the
+        // executors row is frozen too), the session lives on, blocked, still holding the lock:
+        // the next attempt must recognise it as this process's own and end it, not take it for
+        // another holder.
+        self.pid = pid;
         let kept = within(
             self.deadline,
             executors::register_incarnation(
@@ -113,7 +118,6 @@ impl ExecutorLock {
             return Err(IdentityError::Superseded(self.executor_id.clone()));
         }
         self.conn = conn;
-        self.pid = pid;
         Ok(())
     }
 
