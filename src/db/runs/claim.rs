@@ -29,6 +29,12 @@ pub struct Claimant<'a> {
 /// key, the loser's statement fails on that index and is retried with a fresh snapshot, which
 /// skips the key.
 ///
+/// Candidates are read one priority at a time, lowest first: for each distinct priority of
+/// ready runs (found by a loose scan of the claim index), the index range of that priority whose
+/// `run_at` has come, in (run_at, enqueue_seq) order. With a single scan over (priority, run_at,
+/// enqueue_seq), `run_at <= now()` bounded nothing past the first priority, so a claim that found
+/// fewer runs than it asked for walked every scheduled run of the queue.
+///
 /// The update finds the locked candidates by their tuple ids (a TID scan), not by id: each
 /// candidate is locked by this statement, so its tuple id is its current version. By id, the
 /// primary key was probed once per run and each heap row was checked against the whole array
@@ -58,32 +64,48 @@ async fn claim_once(
     limit: i64,
 ) -> Result<Vec<Run>, DbError> {
     let sql = format!(
-        "with owner as (
+        "with recursive owner as (
             select 1 from spool.executors e
              where e.id = $1 and e.incarnation = $2 and e.stopped_at is null
              for share
+         ), priorities as (
+            -- the distinct priorities of ready runs, one index descent each (a loose scan)
+            (select r.priority from spool.runs r
+              where r.status = 'queued' and r.key_ready
+              order by r.priority limit 1)
+            union all
+            select (select r.priority from spool.runs r
+                     where r.status = 'queued' and r.key_ready and r.priority > p.priority
+                     order by r.priority limit 1)
+              from priorities p
+             where p.priority is not null
          ), candidates as (
-            select r.ctid as tid from spool.runs r
-             where r.status = 'queued'
-               and r.key_ready
-               and r.run_at <= now()
-               and r.attempt < 1000000 and r.claim_epoch < 1000000000000000
-               and r.workflow = any($3)
-               and ($4::text[] is null or r.queue = any($4))
-               and (r.concurrency_key is null or (
-                        (select 1 from spool.runs k
-                          where k.queue = r.queue and k.concurrency_key = r.concurrency_key
-                            and k.concurrency_key is not null and k.status = 'running'
-                          limit 1) is null
-                        and (select 1 from spool.runs k
+            select c.tid from priorities p cross join lateral (
+                select r.ctid as tid from spool.runs r
+                 where r.status = 'queued'
+                   and r.key_ready
+                   and r.priority = p.priority
+                   and r.run_at <= now()
+                   and r.attempt < 1000000 and r.claim_epoch < 1000000000000000
+                   and r.workflow = any($3)
+                   and ($4::text[] is null or r.queue = any($4))
+                   and (r.concurrency_key is null or (
+                            (select 1 from spool.runs k
                               where k.queue = r.queue and k.concurrency_key = r.concurrency_key
-                                and k.concurrency_key is not null and k.status = 'queued'
-                                and k.key_ready and k.enqueue_seq < r.enqueue_seq
-                              limit 1) is null))
-               and exists (select 1 from owner)
-             order by r.priority, r.run_at, r.enqueue_seq
+                                and k.concurrency_key is not null and k.status = 'running'
+                              limit 1) is null
+                            and (select 1 from spool.runs k
+                                  where k.queue = r.queue and k.concurrency_key = r.concurrency_key
+                                    and k.concurrency_key is not null and k.status = 'queued'
+                                    and k.key_ready and k.enqueue_seq < r.enqueue_seq
+                                  limit 1) is null))
+                   and exists (select 1 from owner)
+                 order by r.run_at, r.enqueue_seq
+                 limit $5
+                 for update of r skip locked
+            ) c
+             where p.priority is not null
              limit $5
-             for update of r skip locked
          )
          update spool.runs r
             set status = 'running',
