@@ -1,7 +1,9 @@
 //! Group commit for an executor's writes: step records and terminal transitions from all runs in
-//! flight are queued, and whatever has queued up while the previous statement ran goes out as the
-//! next statement (one round trip, one commit for many runs). An idle executor sends each write
-//! at once, so batching adds no latency; a busy one turns N commits into one.
+//! flight are queued, and whatever has queued up while earlier statements ran goes out as the
+//! next statement (one round trip, one commit for many runs), with up to [`STREAMS`] statements
+//! of a queue in flight. An idle executor sends each write at once, so batching adds no latency;
+//! a busy one turns N commits into one. A run waits for each of its writes before the next, so
+//! no two statements in flight hold writes of the same run.
 //!
 //! Each write keeps its own fence: the batched statements are the same compare-and-set on
 //! (id, claim epoch, status) as the single-row ones, and each write learns its own outcome.
@@ -14,6 +16,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -24,6 +27,10 @@ use crate::db::{self, DbError};
 
 /// Most writes in one statement.
 const MAX_BATCH: usize = 512;
+/// Statements of one queue in flight at once, each on its own pooled connection. Writes queue
+/// up while all are busy, so batches stay large; with two, the database works on one batch while
+/// the next one's results travel back, and can use two cores.
+const STREAMS: usize = 2;
 
 type Request<I, O> = (I, oneshot::Sender<Result<O, DbError>>);
 
@@ -53,13 +60,27 @@ impl<I: Send + Sync + 'static, O: Send + 'static> Batcher<I, O> {
     {
         let (tx, mut rx) = mpsc::channel::<Request<I, O>>(MAX_BATCH * 4);
         let task = tokio::spawn(async move {
+            let exec = &exec;
             let mut batch = Vec::with_capacity(MAX_BATCH);
-            while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                let (items, replies): (Vec<I>, Vec<_>) =
-                    std::mem::take(&mut batch).into_iter().unzip();
-                let results = execute_isolating(&exec, &items).await;
-                for (reply, result) in replies.into_iter().zip(results) {
-                    let _ = reply.send(result);
+            let mut running = FuturesUnordered::new();
+            let mut open = true;
+            while open || !running.is_empty() {
+                tokio::select! {
+                    n = rx.recv_many(&mut batch, MAX_BATCH), if open && running.len() < STREAMS => {
+                        if n == 0 {
+                            open = false;
+                            continue;
+                        }
+                        let (items, replies): (Vec<I>, Vec<_>) =
+                            std::mem::take(&mut batch).into_iter().unzip();
+                        running.push(async move {
+                            let results = execute_isolating(exec, &items).await;
+                            for (reply, result) in replies.into_iter().zip(results) {
+                                let _ = reply.send(result);
+                            }
+                        });
+                    }
+                    Some(()) = running.next(), if !running.is_empty() => {}
                 }
             }
         });
