@@ -284,7 +284,7 @@ impl SpoolProcess {
     }
 
     /// Fails with the end of the log when the process has exited.
-    fn check_running(&mut self) -> Result<()> {
+    pub fn check_running(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!(
                 "spool {} exited ({status}); log {}:\n{}",

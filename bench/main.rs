@@ -9,6 +9,7 @@
 mod ceiling;
 mod chat;
 mod chunks;
+mod claim_load;
 mod enqueue;
 mod harness;
 mod latency;
@@ -36,6 +37,7 @@ use tokio::time::Instant;
 
 use ceiling::{Ceiling, CeilingParams};
 use chunks::ChunkParams;
+use claim_load::ClaimLoadParams;
 use enqueue::EnqueueParams;
 use harness::{Bench, SpoolSettings};
 use node_death::NodeDeathParams;
@@ -46,7 +48,7 @@ use retention::RetentionParams;
 use throughput::ThroughputParams;
 
 /// Sections, in the order they run (the table is ordered by figure number).
-const SECTIONS: [&str; 13] = [
+const SECTIONS: [&str; 14] = [
     "ceiling",
     "noop",
     "enqueue",
@@ -60,6 +62,7 @@ const SECTIONS: [&str; 13] = [
     "chat",
     "retention",
     "peer",
+    "claimload",
 ];
 
 #[derive(Debug, Parser)]
@@ -86,7 +89,7 @@ struct Args {
     #[arg(long, env = "BENCH_COMMIT")]
     commit: Option<String>,
     /// Comma-separated sections to run (default: all): ceiling, noop, enqueue, steps, latency,
-    /// memory, chunks, recovery, nodedeath, scale, chat, retention, peer.
+    /// memory, chunks, recovery, nodedeath, scale, chat, retention, peer, claimload.
     #[arg(long, env = "BENCH_ONLY", value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// SPOOL_CONCURRENCY of the executors.
@@ -151,6 +154,19 @@ struct Args {
     soak_secs: u64,
     #[arg(long, env = "BENCH_SOAK_RUNS", default_value_t = 10_000)]
     soak_runs: i64,
+    /// Ready no-op runs drained in each case of the claim-under-load section (14), and the loads:
+    /// ready runs behind them, runs scheduled for tomorrow, runs waiting behind one busy key.
+    #[arg(long, env = "BENCH_CLAIMLOAD_RUNS", default_value_t = 20_000)]
+    claimload_runs: i64,
+    #[arg(long, env = "BENCH_CLAIMLOAD_BACKLOG", default_value_t = 200_000)]
+    claimload_backlog: i64,
+    #[arg(long, env = "BENCH_CLAIMLOAD_SCHEDULED", default_value_t = 500_000)]
+    claimload_scheduled: i64,
+    #[arg(long, env = "BENCH_CLAIMLOAD_KEY_WAITING", default_value_t = 100_000)]
+    claimload_key_waiting: i64,
+    /// Rounds of the four claim-under-load cases (each figure is the median).
+    #[arg(long, env = "BENCH_CLAIMLOAD_ROUNDS", default_value_t = 3)]
+    claimload_rounds: usize,
     /// Also run one node death at the default lease and takeover delay (about 45 s).
     #[arg(long, env = "BENCH_NODE_DEATH_DEFAULTS", default_value_t = true, action = clap::ArgAction::Set)]
     node_death_defaults: bool,
@@ -309,6 +325,17 @@ async fn run(args: &Args) -> Vec<Row> {
                     defaults: args.node_death_defaults,
                 };
                 node_death::measure(&bench, &p).await
+            }
+            "claimload" => {
+                let p = ClaimLoadParams {
+                    runs: args.claimload_runs,
+                    backlog: args.claimload_backlog,
+                    scheduled: args.claimload_scheduled,
+                    key_waiting: args.claimload_key_waiting,
+                    rounds: args.claimload_rounds.max(1),
+                    drain_limit: Duration::from_secs(args.drain_limit_secs),
+                };
+                claim_load::measure(&bench, &p).await
             }
             _ => unreachable!("SECTIONS lists every section"),
         };
