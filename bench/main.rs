@@ -397,7 +397,8 @@ figure with the raw SQL ceiling measured in the same run (section 1).
    `noop` rows inserted in one statement, then 2 clients each repeat one statement that locks 50
    rows in claim order (`FOR UPDATE SKIP LOCKED`) and sets them `succeeded`, until none is left.
    1b: one `insert into spool.runs` per transaction (wake-up trigger disabled), 1 and 16 clients.
-2. **No-op drain**: idle `spool serve --worker-only` executors, then the runs inserted in one
+2. **No-op drain**: 1, 2 or 4 idle `spool serve --worker-only` executors (and 1 at Spool's
+   defaults), then the runs inserted in one
    statement; runs/s = finished runs / (last `finished_at` − first `started_at`). Commits per
    run: `pg_stat_database.xact_commit` of the section's database, read after the executors
    exited, the bench's own statements subtracted.
@@ -407,9 +408,9 @@ figure with the raw SQL ceiling measured in the same run (section 1).
 4. **Steps**: `ticker` runs with `{{\"count\": 10, \"interval_ms\": 0, \"steps\": 10}}` (10
    memoized steps of one chunk each; no NATS, so the chunks go nowhere), drained like section 2;
    steps/s = 10 × runs/s.
-5. **Latency**: one `noop` run inserted by SQL at a time on an idle executor, the next after the
-   previous one finished; `started_at − created_at`, both `now()` of database transactions, so
-   the bench's polling adds nothing.
+5. **Latency**: one `noop` run inserted by SQL at a time on 1, 2 or 4 idle executors (a fresh
+   database each), the next after the previous one finished; `started_at − created_at`, both
+   `now()` of database transactions, so the bench's polling adds nothing.
 6. **Chunks**: 6a: `ticker` runs (interval 0, one step) started together on one executor with
    NATS; total = all chunks / (last `finished_at` − first `started_at`), per run = count / the
    run's own duration (a run whose live output broke republishes it after it finished; the
