@@ -6,14 +6,23 @@
 //!   claim order: same priority, later `run_at` and `enqueue_seq`);
 //! - 14c: next to `scheduled` runs whose `run_at` is tomorrow;
 //! - 14d: next to `key_waiting` runs queued behind one busy concurrency key: a `ticker` run that
-//!   sleeps for an hour holds the key, executed by a second process that serves only the key's
-//!   queue with one slot (so it never claims again and its claims cost the measured one nothing).
+//!   sleeps for an hour holds the key (inserted first, so the others are inserted waiting),
+//!   executed by a second process that serves only the key's queue with one slot (so it never
+//!   claims again and its claims cost the measured one nothing). It starts after the table was
+//!   analyzed, so in every case the statistics saw no running run: whether they saw one changes
+//!   the plans of Spool's batch statements (a running run caught by the sample of 14d made its
+//!   drain twice as fast in some rounds).
 //!
 //! Every case is prepared the same way before any executor that could claim the measured runs
-//! exists: the measured runs are inserted in one statement, then the load in another (set-based
-//! `insert … select generate_series`), then `vacuum analyze spool.runs` and a `checkpoint`, so
-//! each drain starts with fresh statistics, an all-visible table and no full-page images owed.
-//! Then the measured executor starts and drains. The bench holds the `metrics` and `retention`
+//! exists: a `checkpoint`, the measured runs inserted in one statement, then the load in another
+//! (set-based `insert … select generate_series`), then `vacuum analyze spool.runs`, so each drain
+//! starts with fresh statistics and an all-visible table, and no page is owed a full-page image
+//! (every page was written since the checkpoint; the 500,000-run insert writes about 250 MB of
+//! WAL, well below `max_wal_size`). A checkpoint *after* the inserts instead would make the first
+//! write of every page during the drain a full-page image: with random UUID ids the claim's and
+//! the finish's new index entries land on most leaves of the primary key, which costs the loaded
+//! cases about 1.3 KB of WAL per run more than the lone one — a cost of checkpoints and key order,
+//! not of the claim. Then the measured executor starts and drains. The bench holds the `metrics` and `retention`
 //! maintenance leases meanwhile, as another executor of a deployment would: an executor that
 //! holds the metrics lease reads the database's metrics at once when it starts, counting over the
 //! whole table (0.1–0.35 s of database time beside 500,000 runs), which would land inside a drain
@@ -179,10 +188,7 @@ fn note(all: &[Drain], d: &Drain) -> String {
 async fn drain(bench: &Bench, p: &ClaimLoadParams, load: Load, round: usize) -> Result<Drain> {
     let name = format!("bench_claimload_{}", load.tag());
     let db = bench.fresh_db(&name).await?;
-    let _holder = match load {
-        Load::BusyKey => Some(hold_key(bench, &db).await?),
-        _ => None,
-    };
+    db.client.batch_execute("checkpoint").await?;
     let seqs = db
         .client
         .query_one(
@@ -195,9 +201,7 @@ async fn drain(bench: &Bench, p: &ClaimLoadParams, load: Load, round: usize) -> 
         .await?;
     let (first, last): (i64, i64) = (seqs.get(0), seqs.get(1));
     insert_load(&db, p, load).await?;
-    // (two calls: a batch of statements would be one transaction, which VACUUM refuses)
     db.client.batch_execute("vacuum analyze spool.runs").await?;
-    db.client.batch_execute("checkpoint").await?;
     db.client
         .execute(
             "insert into spool.maintenance_leases (name, holder, expires_at)
@@ -208,7 +212,10 @@ async fn drain(bench: &Bench, p: &ClaimLoadParams, load: Load, round: usize) -> 
             &[],
         )
         .await?;
-
+    let _holder = match load {
+        Load::BusyKey => Some(hold_key(bench, &db).await?),
+        _ => None,
+    };
     let commits_before = db.commits().await?;
     let wal_before = db.wal_lsn().await?;
     // not `start`: its liveness polls would be commits of their own, uncounted
@@ -276,6 +283,15 @@ async fn insert_load(db: &Db, p: &ClaimLoadParams, load: Load) -> Result<()> {
                 .await?;
         }
         Load::BusyKey => {
+            // the holder first, in a statement of its own: the runs inserted after it wait
+            db.client
+                .execute(
+                    r#"insert into spool.runs (id, workflow, input, queue, concurrency_key)
+                       values ('key-holder', 'ticker',
+                               '{"count": 2, "interval_ms": 3600000, "steps": 1}', 'busy', 'k')"#,
+                    &[],
+                )
+                .await?;
             db.client
                 .execute(
                     "insert into spool.runs (workflow, queue, concurrency_key)
@@ -287,7 +303,8 @@ async fn insert_load(db: &Db, p: &ClaimLoadParams, load: Load) -> Result<()> {
                 .client
                 .query_one(
                     "select count(*) from spool.runs
-                      where queue = 'busy' and status = 'queued' and key_ready",
+                      where queue = 'busy' and status = 'queued' and key_ready
+                        and id <> 'key-holder'",
                     &[],
                 )
                 .await?
@@ -300,23 +317,15 @@ async fn insert_load(db: &Db, p: &ClaimLoadParams, load: Load) -> Result<()> {
     Ok(())
 }
 
-/// 14d: a process serving only queue `busy` with one slot starts a run of key `k` that sleeps
-/// for an hour (`ticker`: the second tick comes 3,600,000 ms after the first). Returns the
-/// process once the run is running.
+/// 14d: a process serving only queue `busy` with one slot starts the run `key-holder` of key
+/// `k`, which sleeps for an hour (`ticker`: the second tick comes 3,600,000 ms after the first).
+/// Returns the process once the run is running.
 async fn hold_key(bench: &Bench, db: &Db) -> Result<SpoolProcess> {
     let spec = ProcSpec::new(format!("{}-holder", db.name), Role::Worker)
         .env("SPOOL_QUEUES", "busy")
         .env("SPOOL_CONCURRENCY", "1")
         .env("SPOOL_CLAIM_BATCH", "1");
     let holder = bench.start(db, spec).await?;
-    db.client
-        .execute(
-            r#"insert into spool.runs (id, workflow, input, queue, concurrency_key)
-               values ('key-holder', 'ticker', '{"count": 2, "interval_ms": 3600000, "steps": 1}',
-                       'busy', 'k')"#,
-            &[],
-        )
-        .await?;
     wait_for(
         "the key holder to run",
         Duration::from_secs(10),
