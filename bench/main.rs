@@ -98,6 +98,10 @@ struct Args {
     /// SPOOL_CLAIM_BATCH of the executors.
     #[arg(long, env = "BENCH_CLAIM_BATCH", default_value_t = 512)]
     claim_batch: usize,
+    /// Server settings for every section's database, separated by `;` (each applied with
+    /// `alter database … set`), e.g. `plan_cache_mode=force_custom_plan`. Default: none.
+    #[arg(long, env = "BENCH_DB_SETTINGS", value_delimiter = ';')]
+    db_settings: Vec<String>,
     /// RUST_LOG of the Spool processes (default: unset, Spool's own default).
     #[arg(long, env = "BENCH_SPOOL_LOG")]
     spool_log: Option<String>,
@@ -235,6 +239,12 @@ fn bench_of(args: &Args) -> Bench {
             claim_batch: args.claim_batch,
             log: args.spool_log.clone(),
         },
+        db_settings: args
+            .db_settings
+            .iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
     }
 }
 
