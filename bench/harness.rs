@@ -34,6 +34,9 @@ pub struct Bench {
     /// Logs of the Spool processes and their pid files.
     pub work_dir: PathBuf,
     pub spool: SpoolSettings,
+    /// Server settings given to every section's database (`alter database … set`), e.g.
+    /// `plan_cache_mode=force_custom_plan`: experiments with the planner without changing Spool.
+    pub db_settings: Vec<String>,
 }
 
 impl Bench {
@@ -44,10 +47,17 @@ impl Bench {
     /// Creates database `name` (dropping a leftover one) and migrates it with `spool migrate`.
     pub async fn fresh_db(&self, name: &str) -> Result<Db> {
         let admin = connect(&self.db_url("postgres")).await?;
+        let settings = self
+            .db_settings
+            .iter()
+            .map(|s| format!("alter database {name} set {s}"));
         for sql in [
             format!("drop database if exists {name} with (force)"),
             format!("create database {name}"),
-        ] {
+        ]
+        .into_iter()
+        .chain(settings)
+        {
             admin
                 .batch_execute(&sql)
                 .await
@@ -319,7 +329,7 @@ impl SpoolProcess {
     }
 
     /// Fails with the end of the log when the process has exited.
-    fn check_running(&mut self) -> Result<()> {
+    pub fn check_running(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!(
                 "spool {} exited ({status}); log {}:\n{}",

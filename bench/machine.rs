@@ -59,6 +59,12 @@ pub async fn describe(bench: &Bench, commit: Option<&str>, load_at_start: &str) 
     ));
     out.push_str(&format!("- kernel: {}\n", run("uname", &["-r"])));
     out.push_str(&format!("- PostgreSQL: {postgres} (private cluster, durable settings: fsync and synchronous_commit on)\n"));
+    if !bench.db_settings.is_empty() {
+        out.push_str(&format!(
+            "- database settings (BENCH_DB_SETTINGS, an experiment): {}\n",
+            bench.db_settings.join("; ")
+        ));
+    }
     out.push_str(&format!("- nats-server: {nats}\n"));
     out.push_str(&format!(
         "- Spool settings: SPOOL_CONCURRENCY {}, SPOOL_CLAIM_BATCH {}, RUST_LOG {}\n",

@@ -9,6 +9,7 @@
 mod ceiling;
 mod chat;
 mod chunks;
+mod claim_load;
 mod enqueue;
 mod harness;
 mod latency;
@@ -37,6 +38,7 @@ use tokio::time::Instant;
 
 use ceiling::{Ceiling, CeilingParams};
 use chunks::ChunkParams;
+use claim_load::ClaimLoadParams;
 use enqueue::EnqueueParams;
 use harness::{Bench, SpoolSettings};
 use node_death::NodeDeathParams;
@@ -47,7 +49,7 @@ use retention::RetentionParams;
 use throughput::ThroughputParams;
 
 /// Sections, in the order they run (the table is ordered by figure number).
-const SECTIONS: [&str; 13] = [
+const SECTIONS: [&str; 14] = [
     "ceiling",
     "noop",
     "enqueue",
@@ -61,6 +63,7 @@ const SECTIONS: [&str; 13] = [
     "chat",
     "retention",
     "peer",
+    "claimload",
 ];
 
 #[derive(Debug, Parser)]
@@ -87,7 +90,7 @@ struct Args {
     #[arg(long, env = "BENCH_COMMIT")]
     commit: Option<String>,
     /// Comma-separated sections to run (default: all): ceiling, noop, enqueue, steps, latency,
-    /// memory, chunks, recovery, nodedeath, scale, chat, retention, peer.
+    /// memory, chunks, recovery, nodedeath, scale, chat, retention, peer, claimload.
     #[arg(long, env = "BENCH_ONLY", value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// SPOOL_CONCURRENCY of the executors.
@@ -96,6 +99,10 @@ struct Args {
     /// SPOOL_CLAIM_BATCH of the executors.
     #[arg(long, env = "BENCH_CLAIM_BATCH", default_value_t = 512)]
     claim_batch: usize,
+    /// Server settings for every section's database, separated by `;` (each applied with
+    /// `alter database … set`), e.g. `plan_cache_mode=force_custom_plan`. Default: none.
+    #[arg(long, env = "BENCH_DB_SETTINGS", value_delimiter = ';')]
+    db_settings: Vec<String>,
     /// RUST_LOG of the Spool processes (default: unset, Spool's own default).
     #[arg(long, env = "BENCH_SPOOL_LOG")]
     spool_log: Option<String>,
@@ -152,6 +159,19 @@ struct Args {
     soak_secs: u64,
     #[arg(long, env = "BENCH_SOAK_RUNS", default_value_t = 10_000)]
     soak_runs: i64,
+    /// Ready no-op runs drained in each case of the claim-under-load section (14), and the loads:
+    /// ready runs behind them, runs scheduled for tomorrow, runs waiting behind one busy key.
+    #[arg(long, env = "BENCH_CLAIMLOAD_RUNS", default_value_t = 20_000)]
+    claimload_runs: i64,
+    #[arg(long, env = "BENCH_CLAIMLOAD_BACKLOG", default_value_t = 200_000)]
+    claimload_backlog: i64,
+    #[arg(long, env = "BENCH_CLAIMLOAD_SCHEDULED", default_value_t = 500_000)]
+    claimload_scheduled: i64,
+    #[arg(long, env = "BENCH_CLAIMLOAD_KEY_WAITING", default_value_t = 100_000)]
+    claimload_key_waiting: i64,
+    /// Rounds of the four claim-under-load cases (each figure is the median).
+    #[arg(long, env = "BENCH_CLAIMLOAD_ROUNDS", default_value_t = 3)]
+    claimload_rounds: usize,
     /// Also run one node death at the default lease and takeover delay (about 45 s).
     #[arg(long, env = "BENCH_NODE_DEATH_DEFAULTS", default_value_t = true, action = clap::ArgAction::Set)]
     node_death_defaults: bool,
@@ -222,6 +242,12 @@ fn bench_of(args: &Args) -> Bench {
             claim_batch: args.claim_batch,
             log: args.spool_log.clone(),
         },
+        db_settings: args
+            .db_settings
+            .iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
     }
 }
 
@@ -313,6 +339,17 @@ async fn run(args: &Args) -> Vec<Row> {
                 };
                 node_death::measure(&bench, &p).await
             }
+            "claimload" => {
+                let p = ClaimLoadParams {
+                    runs: args.claimload_runs,
+                    backlog: args.claimload_backlog,
+                    scheduled: args.claimload_scheduled,
+                    key_waiting: args.claimload_key_waiting,
+                    rounds: args.claimload_rounds.max(1),
+                    drain_limit: Duration::from_secs(args.drain_limit_secs),
+                };
+                claim_load::measure(&bench, &p).await
+            }
             _ => unreachable!("SECTIONS lists every section"),
         };
         for r in &new_rows {
@@ -378,7 +415,8 @@ figure with the raw SQL ceiling measured in the same run (section 1).
    `noop` rows inserted in one statement, then 2 clients each repeat one statement that locks 50
    rows in claim order (`FOR UPDATE SKIP LOCKED`) and sets them `succeeded`, until none is left.
    1b: one `insert into spool.runs` per transaction (wake-up trigger disabled), 1 and 16 clients.
-2. **No-op drain**: idle `spool serve --worker-only` executors, then the runs inserted in one
+2. **No-op drain**: 1, 2 or 4 idle `spool serve --worker-only` executors (and 1 at Spool's
+   defaults), then the runs inserted in one
    statement; runs/s = finished runs / (last `finished_at` − first `started_at`). Commits per
    run: `pg_stat_database.xact_commit` of the section's database, read after the executors
    exited, the bench's own statements subtracted.
@@ -388,9 +426,9 @@ figure with the raw SQL ceiling measured in the same run (section 1).
 4. **Steps**: `ticker` runs with `{{\"count\": 10, \"interval_ms\": 0, \"steps\": 10}}` (10
    memoized steps of one chunk each; no NATS, so the chunks go nowhere), drained like section 2;
    steps/s = 10 × runs/s.
-5. **Latency**: one `noop` run inserted by SQL at a time on an idle executor, the next after the
-   previous one finished; `started_at − created_at`, both `now()` of database transactions, so
-   the bench's polling adds nothing.
+5. **Latency**: one `noop` run inserted by SQL at a time on 1, 2 or 4 idle executors (a fresh
+   database each), the next after the previous one finished; `started_at − created_at`, both
+   `now()` of database transactions, so the bench's polling adds nothing.
 6. **Chunks**: 6a: `ticker` runs (interval 0, one step) started together on one executor with
    NATS; total = all chunks / (last `finished_at` − first `started_at`), per run = count / the
    run's own duration (a run whose live output broke republishes it after it finished; the

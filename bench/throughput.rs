@@ -58,10 +58,10 @@ impl Drain {
     }
 }
 
-/// 2: `noop_runs` no-op runs drained by 1 and (fresh database) by 2 executors.
+/// 2: `noop_runs` no-op runs drained by 1, 2 and 4 executors (a fresh database each).
 pub async fn noop(bench: &Bench, p: &ThroughputParams, ceiling: &Ceiling) -> Vec<Row> {
     let mut rows = Vec::new();
-    for executors in [1, 2] {
+    for executors in [1, 2, 4] {
         let plural = if executors == 1 { "" } else { "s" };
         let figure = format!(
             "no-op drain, {executors} executor{plural}, {} runs",

@@ -4,7 +4,8 @@
 # prints one table and writes it with the machine's description to bench/results.md, and clean
 # up everything on exit.
 #
-# Knobs (environment): BENCH_CONCURRENCY, BENCH_CLAIM_BATCH, BENCH_NOOP_RUNS, BENCH_ONLY=noop,steps
+# Knobs (environment): BENCH_CONCURRENCY, BENCH_CLAIM_BATCH, BENCH_NOOP_RUNS, BENCH_ONLY=noop,steps,
+# BENCH_DB_SETTINGS=plan_cache_mode=force_custom_plan (planner experiments without changing Spool)
 # and the others listed by `target/release/examples/bench --help`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
