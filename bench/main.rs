@@ -209,7 +209,7 @@ async fn main() -> ExitCode {
     };
     let elapsed = started.elapsed();
     let table = report::table(&rows);
-    let versus = versus::table(&rows, &[]);
+    let versus = versus::table(&rows, &["14"]);
     println!("\n{versus}\n{table}");
     println!("bench took {}", minutes(elapsed));
     let bench = bench_of(&args);
