@@ -2,7 +2,7 @@
 //! batched), from the rows of one run, with the peer's figure, the ratio and whether the target
 //! is met. A figure a run did not measure (a section left out with `BENCH_ONLY`) reads "—".
 
-use crate::report::{format_value, Row, Unit};
+use crate::report::{format_value, Row, Target, Unit};
 
 /// What a line of the table asks of Spool.
 #[derive(Clone, Copy)]
@@ -128,12 +128,22 @@ pub fn table(rows: &[Row], extra: &[&str]) -> String {
                 r.value
                     .as_ref()
                     .map_or_else(|e| format!("FAILED: {e}"), |v| format_value(*v, r.unit)),
-                r.target_text(),
-                status(r.met()),
+                peer_free_target(r),
+                r.met().map_or("—", |m| status(Some(m))),
             ));
         }
     }
     out
+}
+
+/// A loaded-claim row's target names what it is a fraction of, with the fraction measured.
+fn peer_free_target(r: &Row) -> String {
+    match (&r.target, &r.ceiling, &r.value) {
+        (Some(Target::RatioAtLeast(t)), Some((label, c)), Ok(v)) if *c > 0.0 => {
+            format!("≥ {t}× {label}: {:.2}×", v / c)
+        }
+        _ => r.target_text(),
+    }
 }
 
 fn status(met: Option<bool>) -> &'static str {
