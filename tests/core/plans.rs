@@ -177,3 +177,53 @@ async fn a_batch_of_steps_beside_thousands_of_running_runs_touches_rows_linearly
         );
     }
 }
+
+/// An idle executor's claims are planned while the queue is empty, and PostgreSQL keeps the
+/// generic plan it then settles on until the next ANALYZE. A backlog inserted since must still
+/// be claimed by reading only the runs claimed: the plan made for an empty table scanned the
+/// whole table on every claim, comparing each row with every claimed tuple id (a fresh
+/// install's first drain ran at a seventh of its speed until autovacuum analyzed the table).
+/// The claim runs as an executor's does, a prepared statement on one connection; the rows it
+/// read come from the transaction's own table statistics.
+#[tokio::test]
+async fn a_claim_planned_on_an_empty_queue_reads_only_what_it_claims_once_a_backlog_arrives() {
+    let db = TestDb::new().await;
+    db.exec("insert into spool.executors (id, workflows) values ('e', '{noop}')")
+        .await;
+    let mut client = db.client().await;
+    let stmt = client.prepare(&runs::claim_sql()).await.unwrap();
+    let workflows = vec!["noop".to_string()];
+    let queues: Option<Vec<String>> = None;
+    let limit = BATCH as i64;
+    // an idle executor's polls: custom plans first, then the plan cache settles on a generic one
+    for _ in 0..10 {
+        let got = client
+            .query(&stmt, &[&"e", &1_i64, &workflows, &queues, &limit])
+            .await
+            .unwrap();
+        assert!(got.is_empty());
+    }
+    db.exec("insert into spool.runs (workflow) select 'noop' from generate_series(1, 20000)")
+        .await;
+    let tx = client.transaction().await.unwrap();
+    let claimed = tx
+        .query(&stmt, &[&"e", &1_i64, &workflows, &queues, &limit])
+        .await
+        .unwrap()
+        .len();
+    let read: i64 = tx
+        .query_one(
+            "select coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)
+               from pg_stat_xact_user_tables where relid = 'spool.runs'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    tx.rollback().await.unwrap();
+    assert_eq!(claimed, BATCH, "the claim takes a full batch");
+    assert!(
+        read <= PER_WRITE as i64 * BATCH as i64,
+        "a claim of {BATCH} runs planned on an empty queue read {read} rows of spool.runs"
+    );
+}

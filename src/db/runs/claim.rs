@@ -63,7 +63,36 @@ async fn claim_once(
     who: &Claimant<'_>,
     limit: i64,
 ) -> Result<Vec<Run>, DbError> {
-    let sql = format!(
+    let stmt = client.stmt(&claim_sql()).await.map_err(DbError::from_pg)?;
+    let rows = client
+        .pg()
+        .query(
+            &stmt,
+            &[
+                &who.executor_id,
+                &who.incarnation,
+                &who.workflows,
+                &who.queues,
+                &limit,
+            ],
+        )
+        .await
+        .map_err(DbError::from_pg)?;
+    let mut runs: Vec<Run> = rows.iter().map(Run::from_row).collect();
+    runs.sort_by_key(|r| (r.priority, r.run_at, r.enqueue_seq));
+    Ok(runs)
+}
+
+/// The statement of [`claim`] (public for the tests of its plan): parameters executor id,
+/// incarnation, workflows, queues (null: all), limit.
+///
+/// The update joins the locked candidates' tuple ids through `spool.each_tid`, which declares
+/// one row, so the plan reaches each claimed row by a TID scan in a nested loop. With
+/// `ctid = any(array)`, or a join on an unnest of the array, a generic plan made while the queue
+/// was empty (an idle executor's polls) chose a sequential scan, and PostgreSQL keeps that plan
+/// until the next ANALYZE: a backlog that arrived since was scanned whole on every claim.
+pub fn claim_sql() -> String {
+    format!(
         "with recursive owner as (
             select 1 from spool.executors e
              where e.id = $1 and e.incarnation = $2 and e.stopped_at is null
@@ -115,27 +144,10 @@ async fn claim_once(
                 attempt = r.attempt + 1,
                 started_at = coalesce(r.started_at, now()),
                 updated_at = now()
-          where r.ctid = any(array(select tid from candidates))
+           from spool.each_tid(array(select tid from candidates)) as c(tid)
+          where r.ctid = c.tid
          returning {RUN_COLUMNS}"
-    );
-    let stmt = client.stmt(&sql).await.map_err(DbError::from_pg)?;
-    let rows = client
-        .pg()
-        .query(
-            &stmt,
-            &[
-                &who.executor_id,
-                &who.incarnation,
-                &who.workflows,
-                &who.queues,
-                &limit,
-            ],
-        )
-        .await
-        .map_err(DbError::from_pg)?;
-    let mut runs: Vec<Run> = rows.iter().map(Run::from_row).collect();
-    runs.sort_by_key(|r| (r.priority, r.run_at, r.enqueue_seq));
-    Ok(runs)
+    )
 }
 
 /// Makes ready the head of every key whose waiting runs have no ready or running run (see

@@ -14,7 +14,7 @@ use super::{batch_fence, claimer_is_current, DbError};
 mod claim;
 mod watch;
 pub use claim::{
-    adopt_orphaned_runs, claim, promote_waiting_keys, reclaim_owned, Claimant, Reclaimed,
+    adopt_orphaned_runs, claim, claim_sql, promote_waiting_keys, reclaim_owned, Claimant, Reclaimed,
 };
 pub use watch::{ended_runs, key_follow_start, next_started_run_of_key, run_of_key_at};
 
