@@ -416,7 +416,8 @@ figure with the raw SQL ceiling measured in the same run (section 1).
    rows in claim order (`FOR UPDATE SKIP LOCKED`) and sets them `succeeded`, until none is left.
    1b: one `insert into spool.runs` per transaction (wake-up trigger disabled), 1 and 16 clients.
 2. **No-op drain**: 1, 2 or 4 idle `spool serve --worker-only` executors (and 1 at Spool's
-   defaults), then the runs inserted in one
+   defaults; and 1 at the defaults that idled 5 s on the empty queue first, as a deployed
+   executor has, so its claim's plan was made for an empty queue), then the runs inserted in one
    statement; runs/s = finished runs / (last `finished_at` − first `started_at`). Commits per
    run: `pg_stat_database.xact_commit` of the section's database, read after the executors
    exited, the bench's own statements subtracted.
