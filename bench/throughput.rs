@@ -162,8 +162,10 @@ async fn noop_drain_with(
         sql,
         p.noop_runs,
         p.drain_limit,
-        defaults,
-        idle_first,
+        Start {
+            defaults,
+            idle_first,
+        },
     )
     .await
 }
@@ -203,7 +205,16 @@ async fn drain(
     n: i64,
     limit: Duration,
 ) -> Result<Drain> {
-    drain_with(bench, db, executors, insert_sql, n, limit, false, None).await
+    drain_with(bench, db, executors, insert_sql, n, limit, Start::default()).await
+}
+
+/// How a drain's executors start.
+#[derive(Debug, Clone, Copy, Default)]
+struct Start {
+    /// At Spool's defaults (adaptive slots) instead of the bench's tuned settings.
+    defaults: bool,
+    /// Idle this long on the empty queue before the runs are inserted.
+    idle_first: Option<Duration>,
 }
 
 async fn drain_with(
@@ -213,16 +224,15 @@ async fn drain_with(
     insert_sql: &str,
     n: i64,
     limit: Duration,
-    defaults: bool,
-    idle_first: Option<Duration>,
+    start: Start,
 ) -> Result<Drain> {
     let mut procs = Vec::new();
     for i in 1..=executors {
         let mut spec = ProcSpec::new(format!("{}-{i}", db.name), Role::Worker);
-        spec.defaults = defaults;
+        spec.defaults = start.defaults;
         procs.push(bench.start(db, spec).await?);
     }
-    if let Some(idle) = idle_first {
+    if let Some(idle) = start.idle_first {
         tokio::time::sleep(idle).await;
     }
     db.checkpoint().await?;
