@@ -123,9 +123,28 @@ async fn the_runs_list_shows_runs_enqueued_by_sql_with_counts_filters_and_live_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_page_shows_chunks_as_they_arrive_then_the_end() {
     let stack = Stack::start(&[]).await;
-    enqueue_ticker(&stack.db, "live", 12, 250, 3).await;
+    // the run waits (run_at in an hour) until the page is attached: on a loaded machine the
+    // browser can take longer to attach than the whole run takes
+    stack
+        .db
+        .exec(
+            r#"insert into spool.runs (id, workflow, input, run_at)
+               values ('live', 'ticker', '{"count": 12, "interval_ms": 250, "steps": 3}',
+                       now() + interval '1 hour')"#,
+        )
+        .await;
     let chrome = Chrome::launch().await;
     let page = chrome.page(&stack.url("/ui/#/run/live")).await;
+    wait_js(
+        &page,
+        "the page attached to the queued run",
+        "document.getElementById('attach-status')?.textContent.startsWith('Attached')",
+    )
+    .await;
+    stack
+        .db
+        .exec("update spool.runs set run_at = now() where id = 'live'")
+        .await;
 
     // mid-run: some ticks shown, the end not yet
     let partial = wait_js(
