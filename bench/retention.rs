@@ -76,10 +76,15 @@ pub async fn measure(bench: &Bench, p: &RetentionParams) -> Vec<Row> {
             )
             .target(Target::AtMost(1.25))
             .note(format!(
-                "{:.1} MB after 1 min, {:.1} MB at the end; {} runs executed and deleted",
+                "{:.1} MB after 1 min, {:.1} MB at the end; {} runs executed and deleted; grew most: {}",
                 s.first_minute as f64 / 1e6,
                 s.end as f64 / 1e6,
-                s.runs
+                s.runs,
+                s.growth
+                    .iter()
+                    .map(|(name, then, end)| format!("{name} {then:.1} → {end:.1} MB"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
         ),
         Err(e) => rows.push(Row::failed(12, "retention soak", &e)),
@@ -221,6 +226,9 @@ struct Soak {
     first_minute: i64,
     end: i64,
     runs: i64,
+    /// The relations that grew most between the first minute and the end: (name, MB then, MB at
+    /// the end).
+    growth: Vec<(String, f64, f64)>,
 }
 
 async fn sizes(db: &Db) -> Result<i64> {
@@ -234,6 +242,44 @@ async fn sizes(db: &Db) -> Result<i64> {
         .get(0))
 }
 
+/// Bytes of each table and index of the two tables the soak measures.
+async fn relation_sizes(db: &Db) -> Result<Vec<(String, i64)>> {
+    let rows = db
+        .client
+        .query(
+            "select c.relname::text, pg_relation_size(c.oid)
+               from pg_class c
+              where c.oid in ('spool.runs'::regclass, 'spool.operation_outputs'::regclass)
+                 or c.oid in (select indexrelid from pg_index
+                               where indrelid in ('spool.runs'::regclass,
+                                                  'spool.operation_outputs'::regclass))",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// The `n` relations that grew most from `before` to `after`.
+fn most_grown(
+    before: &[(String, i64)],
+    after: &[(String, i64)],
+    n: usize,
+) -> Vec<(String, f64, f64)> {
+    let mut grown: Vec<(String, f64, f64)> = after
+        .iter()
+        .map(|(name, a)| {
+            let b = before
+                .iter()
+                .find(|(x, _)| x == name)
+                .map_or(0, |(_, b)| *b);
+            (name.clone(), b as f64 / 1e6, *a as f64 / 1e6)
+        })
+        .collect();
+    grown.sort_by(|x, y| (y.2 - y.1).total_cmp(&(x.2 - x.1)));
+    grown.truncate(n);
+    grown
+}
+
 async fn soak(bench: &Bench, p: &RetentionParams) -> Result<Soak> {
     let db = bench.fresh_db("bench_retention_soak").await?;
     let spec = ProcSpec::new("soak", Role::Worker)
@@ -242,19 +288,23 @@ async fn soak(bench: &Bench, p: &RetentionParams) -> Result<Soak> {
     let exec = bench.start(&db, spec).await?;
     let started = Instant::now();
     let mut first_minute = None;
+    let mut first_relations = Vec::new();
     let mut runs = 0;
     while started.elapsed() < Duration::from_secs(p.soak_secs) {
         drain(&db, p.soak_runs, Duration::from_secs(120)).await?;
         runs += p.soak_runs;
         if first_minute.is_none() && started.elapsed() >= Duration::from_secs(60) {
             first_minute = Some(sizes(&db).await?);
+            first_relations = relation_sizes(&db).await?;
         }
     }
     let end = sizes(&db).await?;
+    let growth = most_grown(&first_relations, &relation_sizes(&db).await?, 3);
     exec.stop().await?;
     Ok(Soak {
         first_minute: first_minute.unwrap_or(end),
         end,
         runs,
+        growth,
     })
 }
