@@ -5,6 +5,14 @@
 //! - messages older than the run's claim epoch at attach time, or than the newest (epoch,
 //!   generation) this client was handed, are a superseded attempt's (a zombie's) or a
 //!   republished generation's, and are dropped;
+//! - a generation is shown only while its messages follow each other (the publisher numbers
+//!   an attempt's messages, `Spool-Seq`): a message that does not follow the last one shown, or
+//!   a generation that does not start at its beginning, comes after a lost message (a NATS node
+//!   died with it), and the rest of that generation is hidden. The publisher learns of the loss
+//!   (the message was not acknowledged) and sends the output again: the lost message again in
+//!   place when nothing after it was stored, otherwise as a newer generation (`reset`, every
+//!   chunk again). A resuming client's position is looked up on the stream to know what follows
+//!   it;
 //! - every event's id is the JetStream stream sequence of the message (synthetic events carry
 //!   the last sequence delivered), so `Last-Event-ID` resumes right after it;
 //! - a `Last-Event-ID` above the stream's last sequence was never issued by this stream (it
@@ -144,12 +152,29 @@ struct Attacher {
     current: (i64, u64),
     /// NATS outages of the feed this client was told about.
     outages_told: u64,
-    /// Catching up below the window failed and the client was told (`unavailable`).
+    /// Catching up below the window (or looking up the resume position) failed and the client
+    /// was told (`unavailable`).
     catch_up_failed: bool,
+    /// Where the client is in the current generation's numbered messages.
+    continuity: Continuity,
     buffered: VecDeque<Arc<Msg>>,
     /// Messages in parts read below the window.
     parts: Assembler,
     done: bool,
+}
+
+/// Where a client is in the publisher's numbering (`Spool-Seq`) of the current generation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Continuity {
+    /// Resuming after this stream sequence: the message there tells what follows it.
+    Resume(u64),
+    /// Nothing of the current generation shown: only its beginning may come (a `reset`, or the
+    /// attempt's first message).
+    Beginning,
+    /// The next message shown must start with this `Spool-Seq`.
+    Next(u64),
+    /// A message of the current generation was lost: the rest of it is hidden.
+    Broken,
 }
 
 /// What a direct get below the window found.
@@ -173,6 +198,10 @@ impl Attacher {
             current: (run.claim_epoch, 0),
             outages_told: 0,
             catch_up_failed: false,
+            continuity: match after {
+                0 => Continuity::Beginning,
+                after => Continuity::Resume(after),
+            },
             buffered: VecDeque::new(),
             parts: Assembler::default(),
             done: false,
@@ -183,6 +212,20 @@ impl Attacher {
         loop {
             if self.done {
                 return None;
+            }
+            if let Continuity::Resume(at) = self.continuity {
+                match Box::pin(self.resume_at(at)).await {
+                    Ok(c) => {
+                        self.catch_up_failed = false;
+                        self.continuity = c;
+                    }
+                    Err(reason) if !self.catch_up_failed => {
+                        self.catch_up_failed = true;
+                        return Some(self.unavailable(&reason));
+                    }
+                    Err(_) => tokio::time::sleep(TICK * 2).await, // poll while NATS is down
+                }
+                continue;
             }
             if let Some(m) = self.buffered.pop_front() {
                 if let Some(event) = self.hand_out(&m) {
@@ -243,7 +286,15 @@ impl Attacher {
         if (m.epoch, m.gen) < self.current {
             return None;
         }
-        self.current = (m.epoch, m.gen);
+        if (m.epoch, m.gen) > self.current {
+            self.current = (m.epoch, m.gen);
+            self.continuity = Continuity::Beginning;
+        }
+        // An end is never withheld (the publisher sends one only once every message before it
+        // was acknowledged in order, so it never follows a lost one).
+        if !self.follows(m) && !m.is_end() {
+            return None;
+        }
         if m.kind == "reset" && self.fresh {
             return None;
         }
@@ -253,6 +304,64 @@ impl Attacher {
             id: m.seq,
             kind: m.kind,
             data: String::from_utf8_lossy(&m.data).into_owned(),
+        })
+    }
+
+    /// Whether `m`, of the current generation, follows what the client was shown of it; moves
+    /// the client's place in the numbering.
+    fn follows(&mut self, m: &Msg) -> bool {
+        let Some((first, last)) = m.pub_seq else {
+            return true; // not numbered: nothing to check
+        };
+        let follows = match self.continuity {
+            Continuity::Beginning => m.kind == "reset" || first == 1,
+            Continuity::Next(next) => first == next,
+            Continuity::Broken => false,
+            Continuity::Resume(_) => true, // looked up before any message is handed out
+        };
+        if follows {
+            self.continuity = Continuity::Next(last + 1);
+        } else if self.continuity != Continuity::Broken {
+            tracing::debug!(
+                seq = m.seq,
+                pub_seq = first,
+                continuity = ?self.continuity,
+                "attach: a message of this generation was lost; hiding the rest of it until it is republished"
+            );
+            self.continuity = Continuity::Broken;
+        }
+        follows
+    }
+
+    /// What follows the message at stream sequence `at` (a `Last-Event-ID`): the next message
+    /// of its generation, or — when it is gone (purged under a newer generation) or older than
+    /// the run's current attempt — a generation's beginning.
+    async fn resume_at(&mut self, at: u64) -> Result<Continuity, String> {
+        let stream = self.live.ensure_stream().await.map_err(|e| e.to_string())?;
+        let get = stream.direct_get(at);
+        let m = match tokio::time::timeout(self.live.settings.op_timeout, get).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {
+                return Ok(Continuity::Beginning)
+            }
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("timed out reading the stream".into()),
+        };
+        let ours = self
+            .feed
+            .subjects()
+            .strip_suffix('*')
+            .is_some_and(|prefix| m.subject.as_str().starts_with(prefix));
+        let msg = Msg::decode(m.sequence, Some(&m.headers), &m.payload).filter(|_| ours);
+        Ok(match msg {
+            Some(msg) if (msg.epoch, msg.gen) >= self.current => {
+                self.current = (msg.epoch, msg.gen);
+                match msg.pub_seq {
+                    Some((_, last)) => Continuity::Next(last + 1),
+                    None => Continuity::Beginning,
+                }
+            }
+            _ => Continuity::Beginning,
         })
     }
 

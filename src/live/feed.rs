@@ -56,6 +56,9 @@ pub struct Msg {
     pub kind: &'static str,
     pub epoch: i64,
     pub gen: u64,
+    /// The publisher's sequence numbers (`Spool-Seq`) of the message's first and last part:
+    /// consecutive within an attempt, so a reader can tell a message that follows a lost one.
+    pub pub_seq: Option<(u64, u64)>,
     pub data: Bytes,
 }
 
@@ -80,11 +83,16 @@ impl Msg {
             .get(header::GEN)
             .and_then(|g| g.as_str().parse().ok())
             .unwrap_or(0);
+        let pub_seq = headers
+            .get(header::SEQ)
+            .and_then(|s| s.as_str().parse().ok())
+            .map(|s| (s, s));
         Some(Msg {
             seq,
             kind,
             epoch,
             gen,
+            pub_seq,
             data: payload.clone(),
         })
     }
@@ -101,6 +109,7 @@ impl Msg {
             kind,
             epoch: i64::MAX,
             gen: u64::MAX,
+            pub_seq: None,
             data: Bytes::from(data.to_string()),
         }
     }

@@ -52,6 +52,7 @@ impl Assembler {
             self.partial.remove(subject);
             return Piece::Whole(msg);
         };
+        let last_pub_seq = msg.pub_seq;
         if i == 1 {
             let data = BytesMut::from(&msg.data[..]);
             self.partial.insert(
@@ -84,8 +85,10 @@ impl Assembler {
             return Piece::Part;
         }
         let p = self.partial.remove(subject).expect("just completed");
+        let pub_seq = p.first.pub_seq.zip(last_pub_seq).map(|(f, l)| (f.0, l.1));
         Piece::Whole(Msg {
             seq,
+            pub_seq,
             data: p.data.freeze(),
             ..p.first
         })

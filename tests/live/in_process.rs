@@ -124,7 +124,7 @@ async fn a_zombie_publishers_chunks_never_appear_after_the_new_attempts_reset() 
 }
 
 /// Reads a run's events through the attach producer, resuming after stream sequence `after`.
-async fn attach_after(
+pub(crate) async fn attach_after(
     live: &Arc<LiveOutput>,
     db: &TestDb,
     run_id: &str,

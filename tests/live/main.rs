@@ -7,6 +7,7 @@ mod common;
 
 mod chat;
 mod fanout;
+mod gaps;
 mod in_process;
 mod metrics;
 mod wire;
