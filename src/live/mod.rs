@@ -15,6 +15,7 @@
 //! Postgres stays the record of truth: nothing here decides a run's status, and a NATS outage
 //! never fails or stalls a run.
 
+mod acks;
 pub mod attach;
 pub mod feed;
 mod parts;
@@ -152,6 +153,9 @@ pub enum LiveError {
     Nats(String),
     #[error("NATS did not answer within {0:?}")]
     Timeout(Duration),
+    /// Messages JetStream did not acknowledge are still waiting to be sent again.
+    #[error("{0} live-output messages are still to be sent again")]
+    Behind(usize),
 }
 
 /// A connection to NATS plus the stream handle; shared by every publisher and attacher.
