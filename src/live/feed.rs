@@ -18,6 +18,7 @@
 //! reader and deletes its consumer.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -46,6 +47,10 @@ const END_GRACE: Duration = Duration::from_secs(2);
 pub(crate) const TICK: Duration = Duration::from_millis(250);
 /// Most messages one pull of a feed's consumer asks for.
 const PULL_BATCH: i64 = 256;
+/// Longest pull of a feed's consumer; the server sends an idle heartbeat every half of it. A
+/// consumer whose NATS node died is noticed after two missed heartbeats and made again (at
+/// async-nats's default of 30 s, an attacher waited about that long after a node's death).
+const PULL_EXPIRES: Duration = Duration::from_secs(4);
 
 /// One message of a run's output, decoded once and shared by every attacher.
 #[derive(Debug)]
@@ -386,8 +391,17 @@ pub(crate) async fn last_sequence(live: &LiveOutput, subjects: &str) -> Option<u
     }
 }
 
+/// Why a feed's reader stopped reading.
+enum Interruption {
+    /// NATS failed (the reason): attachers are told the live output is unavailable.
+    Outage(String),
+    /// The client reconnected, maybe to another node of a cluster: the consumer may have been
+    /// on the node that went away, so it is made again at once, where the reader left off.
+    Reconnected,
+}
+
 /// A feed's reader: one ordered consumer from the feed's position on, re-created after a NATS
-/// failure from where it left off.
+/// failure or a reconnection from where it left off.
 async fn read(feed: Weak<Feed>, live: Arc<LiveOutput>, ended: Option<Run>) {
     // A run that had ended when it was attached, with nothing on its subjects: its chunks
     // expired (or were never published). Its end comes from Postgres at once.
@@ -405,7 +419,12 @@ async fn read(feed: Weak<Feed>, live: Arc<LiveOutput>, ended: Option<Run>) {
         drop(f);
         let reason = match Box::pin(consume(&feed, &live, &mut parts, subjects, from)).await {
             None => return,
-            Some(reason) => reason,
+            Some(Interruption::Reconnected) => {
+                // (the consumer left behind goes by itself: ordered consumers are ephemeral)
+                tracing::debug!("attach: NATS reconnected; reading on with a new consumer");
+                continue;
+            }
+            Some(Interruption::Outage(reason)) => reason,
         };
         let Some(f) = feed.upgrade() else { return };
         tracing::debug!(run = %f.run_id, %reason, "attach: live output unavailable");
@@ -425,18 +444,21 @@ async fn read(feed: Weak<Feed>, live: Arc<LiveOutput>, ended: Option<Run>) {
     }
 }
 
-/// Reads messages into the feed until a NATS failure (its reason) or the feed is gone (`None`).
+/// Reads messages into the feed until NATS fails or reconnects, or the feed is gone (`None`).
 async fn consume(
     feed: &Weak<Feed>,
     live: &LiveOutput,
     parts: &mut Assembler,
     subjects: String,
     after: u64,
-) -> Option<String> {
+) -> Option<Interruption> {
+    let outage = |reason: String| Some(Interruption::Outage(reason));
     let stream = match live.ensure_stream().await {
         Ok(s) => s,
-        Err(e) => return Some(e.to_string()),
+        Err(e) => return outage(e.to_string()),
     };
+    let connects = || live.client.statistics().connects.load(Ordering::Relaxed);
+    let connected = connects();
     let name = format!("spool-feed-{}", uuid::Uuid::new_v4().simple());
     let config = OrderedConfig {
         name: Some(name.clone()),
@@ -449,6 +471,7 @@ async fn consume(
             }
         },
         max_batch: PULL_BATCH,
+        max_expires: PULL_EXPIRES,
         ..Default::default()
     };
     let consumer = match tokio::time::timeout(
@@ -458,12 +481,12 @@ async fn consume(
     .await
     {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Some(e.to_string()),
-        Err(_) => return Some("timed out creating a consumer".into()),
+        Ok(Err(e)) => return outage(e.to_string()),
+        Err(_) => return outage("timed out creating a consumer".into()),
     };
     let mut messages = match consumer.messages().await {
         Ok(m) => m,
-        Err(e) => return Some(e.to_string()),
+        Err(e) => return outage(e.to_string()),
     };
     if let Some(f) = feed.upgrade() {
         *f.consumer.lock().unwrap() = Some((stream.clone(), name));
@@ -475,8 +498,8 @@ async fn consume(
             message = messages.next() => {
                 let message = match message {
                     Some(Ok(m)) => m,
-                    Some(Err(e)) => return Some(e.to_string()),
-                    None => return Some("consumer closed".into()),
+                    Some(Err(e)) => return outage(e.to_string()),
+                    None => return outage("consumer closed".into()),
                 };
                 let f = feed.upgrade()?;
                 let Ok(info) = message.info() else { continue };
@@ -491,7 +514,10 @@ async fn consume(
                     return None;
                 }
                 if !live.is_connected() {
-                    return Some("NATS disconnected".into());
+                    return outage("NATS disconnected".into());
+                }
+                if connects() != connected {
+                    return Some(Interruption::Reconnected);
                 }
             }
         }
