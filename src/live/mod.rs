@@ -50,12 +50,13 @@ enum Credentials {
 
 /// Splits the credentials (`user:password@` or `token@`) out of a NATS URL, a comma-separated
 /// list of servers; the first found are used.
-fn split_credentials(urls: &str) -> (String, Option<Credentials>) {
+fn split_credentials(urls: &str) -> (Vec<String>, Option<Credentials>) {
     let mut credentials = None;
     let servers: Vec<String> = urls
         .split(',')
+        .map(str::trim)
+        .filter(|server| !server.is_empty())
         .map(|server| {
-            let server = server.trim();
             let Some((scheme, rest)) = server.split_once("://") else {
                 return server.to_string();
             };
@@ -82,7 +83,7 @@ fn split_credentials(urls: &str) -> (String, Option<Credentials>) {
             format!("{scheme}://{}", &rest[at + 1..])
         })
         .collect();
-    (servers.join(","), credentials)
+    (servers, credentials)
 }
 
 /// `text` with the user information of every URL in it replaced by `***`.
@@ -230,6 +231,8 @@ impl LiveOutput {
     ) -> Result<Arc<Self>, LiveError> {
         // Credentials in the URL go to the client as options, never in the URL it logs (async-nats
         // logs the server address at every reconnect) nor in an error.
+        // Every server of the list goes to the client as its own address: given one string,
+        // async-nats would parse the whole list as a single address.
         let (servers, credentials) = split_credentials(&settings.nats_url);
         let options = match credentials {
             Some(Credentials::UserPassword(user, password)) => {
@@ -252,10 +255,10 @@ impl LiveOutput {
                     other => tracing::debug!(event = %other, "NATS event"),
                 }
             })
-            .connect(servers.as_str())
+            .connect(servers.as_slice())
             .await
             .map_err(|e| LiveError::Connect {
-                url: servers.clone(),
+                url: servers.join(","),
                 message: redact(&e.to_string()),
             })?;
         // async-nats bounds the acks pending across the whole context and, by default, makes a
@@ -393,20 +396,20 @@ mod tests {
         assert_eq!(
             split_credentials("nats://u:p%40ss@a:4222, nats://b:4222"),
             (
-                "nats://a:4222,nats://b:4222".to_string(),
+                vec!["nats://a:4222".to_string(), "nats://b:4222".to_string()],
                 Some(Credentials::UserPassword("u".into(), "p@ss".into()))
             )
         );
         assert_eq!(
             split_credentials("nats://s3cr3t@a"),
             (
-                "nats://a".to_string(),
+                vec!["nats://a".to_string()],
                 Some(Credentials::Token("s3cr3t".into()))
             )
         );
         assert_eq!(
             split_credentials("nats://a:4222"),
-            ("nats://a:4222".into(), None)
+            (vec!["nats://a:4222".to_string()], None)
         );
         assert_eq!(
             redact("cannot reach postgres://me:PW@db:5432/x or nats://TOKEN@n"),

@@ -6,6 +6,7 @@
 mod common;
 
 mod chat;
+mod cluster;
 mod fanout;
 mod gaps;
 mod in_process;
