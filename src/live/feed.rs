@@ -41,8 +41,12 @@ pub const WINDOW_MESSAGES: usize = 4096;
 /// Payload bytes a feed keeps (at least one message is always kept).
 pub const WINDOW_BYTES: usize = 4 << 20;
 /// How long a run may be finished in Postgres without its end message arriving before the end
-/// is built from Postgres.
+/// is built from Postgres, when the executor that ended it is gone.
 const END_GRACE: Duration = Duration::from_secs(2);
+/// The same while that executor is alive and so still trying to publish the end: long enough
+/// for a NATS cluster to elect a new leader for the stream (up to about 10 s after a node dies)
+/// and for the publisher to send its lost messages again.
+const END_GRACE_PUBLISHER_ALIVE: Duration = Duration::from_secs(30);
 /// Interval of the shared end watcher and of a reader's connection check.
 pub(crate) const TICK: Duration = Duration::from_millis(250);
 /// Most messages one pull of a feed's consumer asks for.
@@ -216,6 +220,8 @@ struct FeedState {
     has_end: bool,
     /// The end built from Postgres (an end message read is in the window instead).
     end: Option<Arc<Msg>>,
+    /// The last end message read.
+    end_read: Option<Arc<Msg>>,
     outages: u64,
     unavailable: Option<String>,
 }
@@ -251,6 +257,7 @@ impl Feed {
                 finished_seen: None,
                 has_end: false,
                 end: None,
+                end_read: None,
                 outages: 0,
                 unavailable: None,
             }),
@@ -287,8 +294,14 @@ impl Feed {
         if from < st.window.len() {
             return Read::Messages(st.window.range(from..).take(max).cloned().collect());
         }
+        // A client at or after the end message (it resumes after the end it was sent) gets
+        // that end again.
+        let end = st
+            .end
+            .clone()
+            .or_else(|| st.end_read.clone().filter(|e| e.seq <= pos));
         Read::Idle {
-            end: st.end.clone(),
+            end,
             outage: st.unavailable.clone().map(|reason| (st.outages, reason)),
         }
     }
@@ -307,7 +320,11 @@ impl Feed {
             st.last_message_at = Instant::now();
             st.has_end |= msg.is_end();
             st.window_bytes += msg.data.len();
-            st.window.push_back(Arc::new(msg));
+            let msg = Arc::new(msg);
+            if msg.is_end() {
+                st.end_read = Some(msg.clone());
+            }
+            st.window.push_back(msg);
             while st.window.len() > 1
                 && (st.window.len() > WINDOW_MESSAGES || st.window_bytes > WINDOW_BYTES)
             {
@@ -351,9 +368,10 @@ impl Feed {
     }
 
     /// The run has ended in Postgres: builds its end from the row once the end message is
-    /// evidently not coming — NATS is down, or nothing arrived for [`END_GRACE`] and nothing on
-    /// the stream is newer than what the reader read.
-    async fn finished(&self, live: &LiveOutput, run: &Run) {
+    /// evidently not coming — NATS is down, or nothing arrived for [`END_GRACE`] (for
+    /// [`END_GRACE_PUBLISHER_ALIVE`] while the executor that ended the run is alive) and nothing
+    /// on the stream is newer than what the reader read.
+    async fn finished(&self, live: &LiveOutput, run: &Run, publisher_alive: bool) {
         let (quiet_since, read_to) = {
             let mut st = self.state.lock().unwrap();
             let seen = *st.finished_seen.get_or_insert_with(Instant::now);
@@ -363,7 +381,11 @@ impl Feed {
             self.set_end_from(run);
             return;
         }
-        if quiet_since.elapsed() <= END_GRACE {
+        let grace = match publisher_alive {
+            true => END_GRACE_PUBLISHER_ALIVE,
+            false => END_GRACE,
+        };
+        if quiet_since.elapsed() <= grace {
             return;
         }
         if last_sequence(live, &self.subjects)
@@ -400,15 +422,40 @@ enum Interruption {
     Reconnected,
 }
 
+/// The stream sequence of the newest message on `subjects` and whether it is an end (`None`
+/// inside when there is none); `None` when NATS does not answer.
+async fn last_message(live: &LiveOutput, subjects: &str) -> Option<Option<(u64, bool)>> {
+    let stream = live.ensure_stream().await.ok()?;
+    match tokio::time::timeout(
+        live.settings.op_timeout,
+        stream.get_last_raw_message_by_subject(subjects),
+    )
+    .await
+    {
+        Ok(Ok(m)) => {
+            let end = Msg::decode(m.sequence, Some(&m.headers), &m.payload)
+                .is_some_and(|msg| msg.is_end());
+            Some(Some((m.sequence, end)))
+        }
+        Ok(Err(e)) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Some(None),
+        _ => None,
+    }
+}
+
 /// A feed's reader: one ordered consumer from the feed's position on, re-created after a NATS
 /// failure or a reconnection from where it left off.
 async fn read(feed: Weak<Feed>, live: Arc<LiveOutput>, ended: Option<Run>) {
-    // A run that had ended when it was attached, with nothing on its subjects: its chunks
-    // expired (or were never published). Its end comes from Postgres at once.
+    // A run that had ended when it was attached, with nothing on its subjects (its chunks
+    // expired, or were never published), or whose end message is at or before the position
+    // attached from (a client resuming after the end it was sent): its end comes from Postgres
+    // at once.
     if let Some(run) = ended {
         let Some(f) = feed.upgrade() else { return };
-        if last_sequence(&live, &f.subjects).await == Some(0) {
-            f.set_end_from(&run);
+        let after = f.state.lock().unwrap().read_to;
+        match last_message(&live, &f.subjects).await {
+            Some(None) => f.set_end_from(&run),
+            Some(Some((seq, true))) if seq <= after => f.set_end_from(&run),
+            _ => {}
         }
     }
     let mut parts = Assembler::default();
@@ -552,12 +599,13 @@ async fn watch_ends(live: Weak<LiveOutput>, pool: Pool) {
         }
         .await;
         let Some(ended) = ended else { continue };
-        for run in ended {
+        for ended in ended {
+            let run = &ended.run;
             for feed in waiting
                 .iter()
                 .filter(|f| f.run_id == run.id && f.enqueue_seq == run.enqueue_seq)
             {
-                feed.finished(&live, &run).await;
+                feed.finished(&live, run, ended.publisher_alive).await;
             }
         }
     }

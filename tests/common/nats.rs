@@ -104,44 +104,74 @@ impl ClusterNode {
 impl NatsCluster {
     /// Starts three nodes and waits until JetStream answers on each (a meta leader is elected).
     pub async fn start() -> Self {
+        let free = super::process::free_port;
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free(), free())).collect();
+        let nodes = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (port, cluster_port))| {
+                let name = format!("n{}", i + 1);
+                let routes: Vec<String> = ports
+                    .iter()
+                    .filter(|(p, _)| p != port)
+                    .map(|(_, c)| format!("nats://127.0.0.1:{c}"))
+                    .collect();
+                let args = [
+                    "-js",
+                    "-a",
+                    "127.0.0.1",
+                    "--server_name",
+                    &name,
+                    "--cluster_name",
+                    "spool-test",
+                    "--cluster",
+                    &format!("nats://127.0.0.1:{cluster_port}"),
+                    "--routes",
+                    &routes.join(","),
+                    "-sd",
+                    &format!("{{dir}}/{name}"),
+                ];
+                (name.clone(), *port, args.map(String::from).to_vec())
+            })
+            .collect();
+        Self::start_nodes(nodes).await
+    }
+
+    /// Starts nodes given as (server name, client port, arguments), `{dir}` in an argument
+    /// standing for a private directory, and waits until JetStream answers on each.
+    pub async fn start_nodes(nodes: Vec<(String, u16, Vec<String>)>) -> Self {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("nats-cluster-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
-        let free = super::process::free_port;
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free(), free())).collect();
         let bin = std::env::var("SPOOL_TEST_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
-        let mut nodes = Vec::new();
-        for (i, (port, cluster_port)) in ports.iter().enumerate() {
-            let name = format!("n{}", i + 1);
-            let routes: Vec<String> = ports
-                .iter()
-                .filter(|(p, _)| p != port)
-                .map(|(_, c)| format!("nats://127.0.0.1:{c}"))
-                .collect();
+        let mut started = Vec::new();
+        for (name, port, args) in nodes {
             let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
             let child = Command::new(&bin)
-                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
-                .args(["--server_name", &name, "--cluster_name", "spool-test"])
-                .args(["--cluster", &format!("nats://127.0.0.1:{cluster_port}")])
-                .args(["--routes", &routes.join(",")])
-                .arg("-sd")
-                .arg(dir.join(&name))
+                .args(["-p", &port.to_string()])
+                .args(
+                    args.iter()
+                        .map(|a| a.replace("{dir}", &dir.to_string_lossy())),
+                )
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
                 .spawn()
                 .expect("nats-server (run the suite with `just test`, which installs it)");
-            nodes.push(ClusterNode {
+            started.push(ClusterNode {
                 name,
-                port: *port,
+                port,
                 child: Some(child),
             });
         }
-        let cluster = Self { nodes, dir };
+        let cluster = Self {
+            nodes: started,
+            dir,
+        };
         for node in &cluster.nodes {
             let url = node.url();
             wait_until(
-                "every node to answer JetStream requests",
+                &format!("node {} to answer JetStream requests", node.name),
                 Duration::from_secs(60),
                 || {
                     let url = url.clone();

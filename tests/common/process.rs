@@ -88,7 +88,10 @@ impl SpoolProcess {
             .env("SPOOL_LISTEN", format!("127.0.0.1:{port}"))
             .env("SPOOL_POLL_INTERVAL_MS", "100")
             .env("SPOOL_RECOVERY_INTERVAL_MS", "500")
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("SPOOL_TEST_PROCESS_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("SPOOL_API_TOKEN")
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
@@ -234,5 +237,15 @@ impl Drop for SpoolProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // a failing test shows what its processes logged
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(150)..].join("\n");
+            eprintln!(
+                "--- spool process {}, last 150 log lines ---\n{tail}",
+                self.executor_id
+            );
+        }
     }
 }

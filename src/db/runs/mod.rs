@@ -16,7 +16,7 @@ mod watch;
 pub use claim::{
     adopt_orphaned_runs, claim, claim_sql, promote_waiting_keys, reclaim_owned, Claimant, Reclaimed,
 };
-pub use watch::{ended_runs, key_follow_start, next_started_run_of_key, run_of_key_at};
+pub use watch::{ended_runs, key_follow_start, next_started_run_of_key, run_of_key_at, EndedRun};
 
 /// Run columns in the order [`Run::from_row`] reads them.
 pub(crate) const RUN_COLUMNS: &str =

@@ -4,11 +4,25 @@
 use super::{Run, RUN_COLUMNS};
 use crate::db::{Conn, DbError};
 
+/// A run that has ended, as the end watcher of live attach sees it.
+pub struct EndedRun {
+    pub run: Run,
+    /// The executor incarnation that ended the run is alive: if the run's end has not reached
+    /// NATS yet, that executor is still trying to publish it.
+    pub publisher_alive: bool,
+}
+
 /// The runs among `ids` that have ended (one statement, whatever the number of ids): how live
 /// attach learns of ends that never reached NATS.
-pub async fn ended_runs(client: &impl Conn, ids: &[String]) -> Result<Vec<Run>, DbError> {
+pub async fn ended_runs(client: &impl Conn, ids: &[String]) -> Result<Vec<EndedRun>, DbError> {
     let sql = format!(
-        "select {RUN_COLUMNS} from spool.runs r
+        "select exists (
+                  select 1 from spool.executors e
+                   where e.id = r.executor_id and e.incarnation = r.incarnation
+                     and e.stopped_at is null
+                     and e.heartbeat_at > now() - make_interval(secs => e.lease_ms / 1000.0)),
+                {RUN_COLUMNS}
+           from spool.runs r
           where r.id = any($1) and r.status in ('succeeded', 'failed', 'cancelled', 'dead')"
     );
     let stmt = client.stmt(&sql).await.map_err(DbError::from_pg)?;
@@ -17,7 +31,13 @@ pub async fn ended_runs(client: &impl Conn, ids: &[String]) -> Result<Vec<Run>, 
         .query(&stmt, &[&ids])
         .await
         .map_err(DbError::from_pg)?;
-    Ok(rows.iter().map(Run::from_row).collect())
+    Ok(rows
+        .iter()
+        .map(|row| EndedRun {
+            publisher_alive: row.get(0),
+            run: Run::from_row_offset(row, 1),
+        })
+        .collect())
 }
 
 /// For following a concurrency key: the first run of (`queue`, `key`) enqueued after
