@@ -10,6 +10,7 @@ mod cluster;
 mod fanout;
 mod gaps;
 mod in_process;
+mod late_end;
 mod metrics;
 mod wire;
 
