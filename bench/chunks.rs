@@ -56,6 +56,30 @@ pub async fn measure(bench: &Bench, p: &ChunkParams) -> Vec<Row> {
         }
         Err(e) => rows.push(Row::failed(6, figure, &e)),
     }
+    let figure = format!(
+        "6d chunks published to a 3-node NATS cluster, stream kept on all 3: {} runs × {} chunks",
+        p.publish_runs, p.publish_count
+    );
+    let single = rows.first().and_then(|r| r.value.clone().ok());
+    match publish_to_a_cluster(bench, p).await {
+        Ok(published) => {
+            let mut note = format!("warnings logged by the executor: {}", published.warnings);
+            if let Some(single) = single.filter(|v| *v > 0.0) {
+                note = format!(
+                    "{:.2}× 6a (one node, one copy); {note}",
+                    published.total / single
+                );
+            }
+            if published.finished < p.publish_runs {
+                note.push_str(&format!(
+                    "; TIMED OUT: {} of {} runs finished within a minute",
+                    published.finished, p.publish_runs
+                ));
+            }
+            rows.push(Row::new(6, figure, published.total, Unit::PerSec("chunks")).note(note));
+        }
+        Err(e) => rows.push(Row::failed(6, figure, &e)),
+    }
     match LiveCluster::start(bench).await {
         Ok(live) => {
             rows.extend(attach_latency(&live, p.attach_samples).await);
@@ -81,8 +105,110 @@ struct Published {
 /// one executor with NATS. Runs still unfinished after a minute are left out of the rates (and
 /// counted in the note).
 async fn publish_rate(bench: &Bench, p: &ChunkParams) -> Result<Published> {
-    let db = bench.fresh_db("bench_publish").await?;
     let spec = ProcSpec::new("bench-publish", Role::Worker).with_nats("bench_publish");
+    publish_with(bench, p, "bench_publish", spec).await
+}
+
+/// 6d: 6a on a three-node NATS cluster of the bench's own, the stream kept on all three
+/// (`SPOOL_NATS_REPLICAS=3`): every chunk is acknowledged once two nodes hold it.
+async fn publish_to_a_cluster(bench: &Bench, p: &ChunkParams) -> Result<Published> {
+    let cluster = NatsCluster::start(&bench.work_dir.join("nats-cluster")).await?;
+    let spec = ProcSpec::new("bench-publish-r3", Role::Worker)
+        .with_nats("bench_publish_r3")
+        .env("NATS_URL", cluster.urls())
+        .env("SPOOL_NATS_REPLICAS", "3");
+    publish_with(bench, p, "bench_publish_r3", spec).await
+}
+
+/// Three `nats-server -js` nodes routed into one cluster; dropping it kills them.
+struct NatsCluster {
+    ports: Vec<u16>,
+    children: Vec<std::process::Child>,
+}
+
+impl NatsCluster {
+    async fn start(dir: &std::path::Path) -> Result<Self> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let free = || -> Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        };
+        let mut ports = Vec::new();
+        for _ in 0..3 {
+            ports.push((free()?, free()?));
+        }
+        let mut cluster = Self {
+            ports: ports.iter().map(|(p, _)| *p).collect(),
+            children: Vec::new(),
+        };
+        for (i, (port, cluster_port)) in ports.iter().enumerate() {
+            let routes: Vec<String> = ports
+                .iter()
+                .filter(|(p, _)| p != port)
+                .map(|(_, c)| format!("nats://127.0.0.1:{c}"))
+                .collect();
+            let name = format!("n{}", i + 1);
+            let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+            let child = std::process::Command::new("nats-server")
+                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+                .args(["--server_name", &name, "--cluster_name", "spool-bench"])
+                .args(["--cluster", &format!("nats://127.0.0.1:{cluster_port}")])
+                .args(["--routes", &routes.join(",")])
+                .arg("-sd")
+                .arg(dir.join(&name))
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("nats-server")?;
+            cluster.children.push(child);
+        }
+        for port in cluster.ports.clone() {
+            wait_for(
+                "every NATS node to answer JetStream requests",
+                Duration::from_secs(60),
+                Duration::from_millis(200),
+                || async move {
+                    let Ok(client) = async_nats::connect(format!("127.0.0.1:{port}")).await else {
+                        return Ok(None);
+                    };
+                    let js = async_nats::jetstream::new(client);
+                    Ok(js.query_account().await.ok().map(|_| ()))
+                },
+            )
+            .await?;
+        }
+        Ok(cluster)
+    }
+
+    fn urls(&self) -> String {
+        let urls: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        urls.join(",")
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn publish_with(
+    bench: &Bench,
+    p: &ChunkParams,
+    db_name: &str,
+    spec: ProcSpec,
+) -> Result<Published> {
+    let db = bench.fresh_db(db_name).await?;
     let executor = bench.start(&db, spec).await?;
     let input = serde_json::json!({"count": p.publish_count, "interval_ms": 0, "steps": 1});
     db.client

@@ -204,10 +204,29 @@ async fn a_run_page_shows_chunks_as_they_arrive_then_the_end() {
 async fn a_run_killed_mid_output_shows_reset_then_the_whole_output_once() {
     let mut stack = Stack::start(&[]).await;
     // long enough (about 6 s) that the kill lands mid-run even when a loaded machine shows the
-    // first chunks late; the end checks that it did (steps recorded under two claim epochs)
-    enqueue_ticker(&stack.db, "crash", 200, 30, 20).await;
+    // first chunks late; the end checks that it did (steps recorded under two claim epochs).
+    // The run waits (run_at in an hour) until the page is attached: a browser that attached
+    // late on a loaded machine saw tick-12 only after the run had ended.
+    stack
+        .db
+        .exec(
+            r#"insert into spool.runs (id, workflow, input, run_at)
+               values ('crash', 'ticker', '{"count": 200, "interval_ms": 30, "steps": 20}',
+                       now() + interval '1 hour')"#,
+        )
+        .await;
     let chrome = Chrome::launch().await;
     let page = chrome.page(&stack.url("/ui/#/run/crash")).await;
+    wait_js(
+        &page,
+        "the page attached to the queued run",
+        "document.getElementById('attach-status')?.textContent.startsWith('Attached')",
+    )
+    .await;
+    stack
+        .db
+        .exec("update spool.runs set run_at = now() where id = 'crash'")
+        .await;
     wait_steps(&stack.db, "crash", 1).await;
     wait_js(
         &page,
@@ -259,9 +278,28 @@ async fn a_run_killed_mid_output_shows_reset_then_the_whole_output_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_reload_resumes_after_the_last_event_without_duplicates() {
     let stack = Stack::start(&[]).await;
-    enqueue_ticker(&stack.db, "reload", 20, 150, 2).await;
+    // The run waits (run_at in an hour) until the page is attached, so that the reload lands
+    // mid-run also on a loaded machine (a reload after the end resumes straight into the end).
+    stack
+        .db
+        .exec(
+            r#"insert into spool.runs (id, workflow, input, run_at)
+               values ('reload', 'ticker', '{"count": 20, "interval_ms": 250, "steps": 2}',
+                       now() + interval '1 hour')"#,
+        )
+        .await;
     let chrome = Chrome::launch().await;
     let page = chrome.page(&stack.url("/ui/#/run/reload")).await;
+    wait_js(
+        &page,
+        "the page attached to the queued run",
+        "document.getElementById('attach-status')?.textContent.startsWith('Attached')",
+    )
+    .await;
+    stack
+        .db
+        .exec("update spool.runs set run_at = now() where id = 'reload'")
+        .await;
     wait_js(
         &page,
         "chunks shown",
