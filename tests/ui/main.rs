@@ -234,6 +234,39 @@ pub fn ticker_text(n: usize) -> String {
     (1..=n).map(|i| format!("tick-{i}")).collect()
 }
 
+/// Opens the page of ticker run `id`, which starts only once the page is attached to it
+/// (`run_at` in an hour until then): on a loaded machine a browser can take longer to attach
+/// than a whole short run takes.
+pub async fn open_then_start_ticker(
+    stack: &Stack,
+    chrome: &Chrome,
+    id: &str,
+    (count, interval_ms, steps): (usize, u64, usize),
+) -> Page {
+    stack
+        .db
+        .exec(&format!(
+            "insert into spool.runs (id, workflow, input, run_at)
+             values ('{id}', 'ticker', '{{\"count\": {count}, \"interval_ms\": {interval_ms}, \"steps\": {steps}}}',
+                     now() + interval '1 hour')"
+        ))
+        .await;
+    let page = chrome.page(&stack.url(&format!("/ui/#/run/{id}"))).await;
+    wait_js(
+        &page,
+        "the page attached to the queued run",
+        "document.getElementById('attach-status')?.textContent.startsWith('Attached')",
+    )
+    .await;
+    stack
+        .db
+        .exec(&format!(
+            "update spool.runs set run_at = now() where id = '{id}'"
+        ))
+        .await;
+    page
+}
+
 pub async fn enqueue_ticker(db: &TestDb, id: &str, count: usize, interval_ms: u64, steps: usize) {
     db.exec(&format!(
         "insert into spool.runs (id, workflow, input) values ('{id}', 'ticker', '{{\"count\": {count}, \"interval_ms\": {interval_ms}, \"steps\": {steps}}}')"

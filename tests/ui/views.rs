@@ -8,8 +8,8 @@ use serde_json::Value;
 
 use crate::common::{wait_steps, wait_terminal};
 use crate::{
-    accessibility_violations, enqueue_ticker, eval, phone_width, screenshot, text_of, ticker_text,
-    wait_js, Chrome, Stack,
+    accessibility_violations, enqueue_ticker, eval, open_then_start_ticker, phone_width,
+    screenshot, text_of, ticker_text, wait_js, Chrome, Stack,
 };
 
 /// The ids of the runs the list shows, in order.
@@ -123,28 +123,8 @@ async fn the_runs_list_shows_runs_enqueued_by_sql_with_counts_filters_and_live_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_page_shows_chunks_as_they_arrive_then_the_end() {
     let stack = Stack::start(&[]).await;
-    // the run waits (run_at in an hour) until the page is attached: on a loaded machine the
-    // browser can take longer to attach than the whole run takes
-    stack
-        .db
-        .exec(
-            r#"insert into spool.runs (id, workflow, input, run_at)
-               values ('live', 'ticker', '{"count": 12, "interval_ms": 250, "steps": 3}',
-                       now() + interval '1 hour')"#,
-        )
-        .await;
     let chrome = Chrome::launch().await;
-    let page = chrome.page(&stack.url("/ui/#/run/live")).await;
-    wait_js(
-        &page,
-        "the page attached to the queued run",
-        "document.getElementById('attach-status')?.textContent.startsWith('Attached')",
-    )
-    .await;
-    stack
-        .db
-        .exec("update spool.runs set run_at = now() where id = 'live'")
-        .await;
+    let page = open_then_start_ticker(&stack, &chrome, "live", (12, 250, 3)).await;
 
     // mid-run: some ticks shown, the end not yet
     let partial = wait_js(
@@ -204,29 +184,9 @@ async fn a_run_page_shows_chunks_as_they_arrive_then_the_end() {
 async fn a_run_killed_mid_output_shows_reset_then_the_whole_output_once() {
     let mut stack = Stack::start(&[]).await;
     // long enough (about 6 s) that the kill lands mid-run even when a loaded machine shows the
-    // first chunks late; the end checks that it did (steps recorded under two claim epochs).
-    // The run waits (run_at in an hour) until the page is attached: a browser that attached
-    // late on a loaded machine saw tick-12 only after the run had ended.
-    stack
-        .db
-        .exec(
-            r#"insert into spool.runs (id, workflow, input, run_at)
-               values ('crash', 'ticker', '{"count": 200, "interval_ms": 30, "steps": 20}',
-                       now() + interval '1 hour')"#,
-        )
-        .await;
+    // first chunks late; the end checks that it did (steps recorded under two claim epochs)
     let chrome = Chrome::launch().await;
-    let page = chrome.page(&stack.url("/ui/#/run/crash")).await;
-    wait_js(
-        &page,
-        "the page attached to the queued run",
-        "document.getElementById('attach-status')?.textContent.startsWith('Attached')",
-    )
-    .await;
-    stack
-        .db
-        .exec("update spool.runs set run_at = now() where id = 'crash'")
-        .await;
+    let page = open_then_start_ticker(&stack, &chrome, "crash", (200, 30, 20)).await;
     wait_steps(&stack.db, "crash", 1).await;
     wait_js(
         &page,
@@ -278,28 +238,10 @@ async fn a_run_killed_mid_output_shows_reset_then_the_whole_output_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_reload_resumes_after_the_last_event_without_duplicates() {
     let stack = Stack::start(&[]).await;
-    // The run waits (run_at in an hour) until the page is attached, so that the reload lands
-    // mid-run also on a loaded machine (a reload after the end resumes straight into the end).
-    stack
-        .db
-        .exec(
-            r#"insert into spool.runs (id, workflow, input, run_at)
-               values ('reload', 'ticker', '{"count": 20, "interval_ms": 250, "steps": 2}',
-                       now() + interval '1 hour')"#,
-        )
-        .await;
+    // (started once the page is attached, so that the reload lands mid-run also on a loaded
+    // machine: a reload after the end resumes straight into the end)
     let chrome = Chrome::launch().await;
-    let page = chrome.page(&stack.url("/ui/#/run/reload")).await;
-    wait_js(
-        &page,
-        "the page attached to the queued run",
-        "document.getElementById('attach-status')?.textContent.startsWith('Attached')",
-    )
-    .await;
-    stack
-        .db
-        .exec("update spool.runs set run_at = now() where id = 'reload'")
-        .await;
+    let page = open_then_start_ticker(&stack, &chrome, "reload", (20, 250, 2)).await;
     wait_js(
         &page,
         "chunks shown",
