@@ -108,6 +108,15 @@ struct State {
 }
 
 impl State {
+    /// Messages found not stored go back to the front of the backlog, in order, to be sent
+    /// again after the backoff.
+    fn requeue(&mut self, lost: Vec<Outgoing>) {
+        for msg in lost.into_iter().rev() {
+            self.backlog.push_front(msg);
+        }
+        self.resend_later();
+    }
+
     /// Sending the backlog waits longer, up to its bound.
     fn resend_later(&mut self) {
         self.resend_at = Instant::now() + self.resend_backoff;
@@ -260,10 +269,7 @@ impl ChunkPublisher {
                     crate::latency::PUBLISH_ERRORS.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(run = %self.run_id, messages = lost.len(), %error, "live output not acknowledged; sending it again in order");
                 }
-                for msg in lost.into_iter().rev() {
-                    st.backlog.push_front(msg);
-                }
-                st.resend_later();
+                st.requeue(lost);
                 Ok(())
             }
         }
@@ -343,11 +349,8 @@ impl ChunkPublisher {
                     Verdict::Stored => return Ok(()),
                     Verdict::Gap(why) => return Err(LiveError::Nats(why)),
                     Verdict::Resend(lost, error) => {
-                        for msg in lost.into_iter().rev() {
-                            st.backlog.push_front(msg);
-                        }
                         tracing::debug!(run = %self.run_id, %error, "live output not acknowledged");
-                        st.resend_later();
+                        st.requeue(lost);
                     }
                 }
             }

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
-use async_nats::jetstream::stream::{self, LastRawMessageErrorKind};
+use async_nats::jetstream::stream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use deadpool_postgres::Pool;
@@ -33,20 +33,16 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 pub use super::parts::{Assembler, Piece};
+
+mod ends;
 use super::{header, LiveOutput};
-use crate::db::runs::{self, Run};
+use crate::db::runs::Run;
+use ends::{last_message, watch_ends};
 
 /// Messages a feed keeps for attachers behind its reader.
 pub const WINDOW_MESSAGES: usize = 4096;
 /// Payload bytes a feed keeps (at least one message is always kept).
 pub const WINDOW_BYTES: usize = 4 << 20;
-/// How long a run may be finished in Postgres without its end message arriving before the end
-/// is built from Postgres, when the executor that ended it is gone.
-const END_GRACE: Duration = Duration::from_secs(2);
-/// The same while that executor is alive and so still trying to publish the end: long enough
-/// for a NATS cluster to elect a new leader for the stream (up to about 10 s after a node dies)
-/// and for the publisher to send its lost messages again.
-const END_GRACE_PUBLISHER_ALIVE: Duration = Duration::from_secs(30);
 /// Interval of the shared end watcher and of a reader's connection check.
 pub(crate) const TICK: Duration = Duration::from_millis(250);
 /// Most messages one pull of a feed's consumer asks for.
@@ -354,63 +350,6 @@ impl Feed {
             self.notify();
         }
     }
-
-    fn set_end_from(&self, run: &Run) {
-        {
-            let mut st = self.state.lock().unwrap();
-            if st.has_end {
-                return;
-            }
-            st.has_end = true;
-            st.end = Some(Arc::new(Msg::end_from(run, st.read_to)));
-        }
-        self.notify();
-    }
-
-    /// The run has ended in Postgres: builds its end from the row once the end message is
-    /// evidently not coming — NATS is down, or nothing arrived for [`END_GRACE`] (for
-    /// [`END_GRACE_PUBLISHER_ALIVE`] while the executor that ended the run is alive) and nothing
-    /// on the stream is newer than what the reader read.
-    async fn finished(&self, live: &LiveOutput, run: &Run, publisher_alive: bool) {
-        let (quiet_since, read_to) = {
-            let mut st = self.state.lock().unwrap();
-            let seen = *st.finished_seen.get_or_insert_with(Instant::now);
-            (seen.max(st.last_message_at), st.read_to)
-        };
-        if !live.is_connected() {
-            self.set_end_from(run);
-            return;
-        }
-        let grace = match publisher_alive {
-            true => END_GRACE_PUBLISHER_ALIVE,
-            false => END_GRACE,
-        };
-        if quiet_since.elapsed() <= grace {
-            return;
-        }
-        if last_sequence(live, &self.subjects)
-            .await
-            .is_some_and(|last| last <= read_to)
-        {
-            self.set_end_from(run);
-        }
-    }
-}
-
-/// The stream sequence of the newest message on `subjects` (0 when there is none); `None` when
-/// NATS does not answer.
-pub(crate) async fn last_sequence(live: &LiveOutput, subjects: &str) -> Option<u64> {
-    let stream = live.ensure_stream().await.ok()?;
-    match tokio::time::timeout(
-        live.settings.op_timeout,
-        stream.get_last_raw_message_by_subject(subjects),
-    )
-    .await
-    {
-        Ok(Ok(m)) => Some(m.sequence),
-        Ok(Err(e)) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Some(0),
-        _ => None,
-    }
 }
 
 /// Why a feed's reader stopped reading.
@@ -420,26 +359,6 @@ enum Interruption {
     /// The client reconnected, maybe to another node of a cluster: the consumer may have been
     /// on the node that went away, so it is made again at once, where the reader left off.
     Reconnected,
-}
-
-/// The stream sequence of the newest message on `subjects` and whether it is an end (`None`
-/// inside when there is none); `None` when NATS does not answer.
-async fn last_message(live: &LiveOutput, subjects: &str) -> Option<Option<(u64, bool)>> {
-    let stream = live.ensure_stream().await.ok()?;
-    match tokio::time::timeout(
-        live.settings.op_timeout,
-        stream.get_last_raw_message_by_subject(subjects),
-    )
-    .await
-    {
-        Ok(Ok(m)) => {
-            let end = Msg::decode(m.sequence, Some(&m.headers), &m.payload)
-                .is_some_and(|msg| msg.is_end());
-            Some(Some((m.sequence, end)))
-        }
-        Ok(Err(e)) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Some(None),
-        _ => None,
-    }
 }
 
 /// A feed's reader: one ordered consumer from the feed's position on, re-created after a NATS
@@ -577,36 +496,5 @@ impl Feed {
     fn skip(&self, seq: u64) {
         let mut st = self.state.lock().unwrap();
         st.read_to = st.read_to.max(seq);
-    }
-}
-
-/// The shared end watcher: every [`TICK`], one statement asks which attached runs without an
-/// end have ended.
-async fn watch_ends(live: Weak<LiveOutput>, pool: Pool) {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(live) = live.upgrade() else { return };
-        let waiting = live.feeds.waiting_for_end();
-        if waiting.is_empty() {
-            continue;
-        }
-        let ids: Vec<String> = waiting.iter().map(|f| f.run_id.clone()).collect();
-        let ended = async {
-            let client = pool.get().await.ok()?;
-            runs::ended_runs(&client, &ids).await.ok()
-        }
-        .await;
-        let Some(ended) = ended else { continue };
-        for ended in ended {
-            let run = &ended.run;
-            for feed in waiting
-                .iter()
-                .filter(|f| f.run_id == run.id && f.enqueue_seq == run.enqueue_seq)
-            {
-                feed.finished(&live, run, ended.publisher_alive).await;
-            }
-        }
     }
 }
