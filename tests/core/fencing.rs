@@ -166,6 +166,30 @@ async fn batched_writes_fence_each_run_by_its_own_claim_epoch() {
         .await
         .unwrap();
     assert!(again[0].is_ok());
+    // a step already there fails the batch statement on the primary key; each write then goes
+    // alone: ours is recorded, and a step someone else recorded (by hand, at another epoch)
+    // is lost for this writer
+    db.exec(
+        "insert into spool.runs (id, workflow, status, executor_id, incarnation, claim_epoch, attempt)
+              values ('hand', 'noop', 'running', 'e', 1, 2, 2);
+         insert into spool.operation_outputs (run_id, step, name, output, claim_epoch, started_at)
+              values ('hand', 1, 's', '1', 1, now())",
+    )
+    .await;
+    let second = StepWrite {
+        step: 2,
+        ..write("cur", 3)
+    };
+    let mixed = steps::record_steps_if_owned(&client, &[second, write("hand", 2)])
+        .await
+        .unwrap();
+    assert!(mixed[0].is_ok(), "{:?}", mixed[0]);
+    assert!(matches!(mixed[1], Err(DbError::Lost(_))), "{:?}", mixed[1]);
+    assert_eq!(
+        db.scalar_i64("select count(*) from spool.operation_outputs where run_id = 'cur'")
+            .await,
+        2
+    );
 
     let finish = |id: &str, epoch: i64| Finish {
         id: id.into(),

@@ -287,3 +287,91 @@ async fn the_views_show_progress_depth_and_liveness() {
     assert!(!alive, "a stopped executor is not alive");
     let _ = json!(null);
 }
+
+/// Runs `sql` and returns the foreign-key error it got (SQLSTATE 23503): its constraint.
+async fn refused_as_foreign_key(db: &TestDb, sql: &str) -> String {
+    let err = db
+        .client()
+        .await
+        .batch_execute(sql)
+        .await
+        .expect_err("should be refused");
+    let db_err = err.as_db_error().expect("a database error");
+    assert_eq!(db_err.code().code(), "23503", "foreign key: {db_err:?}");
+    db_err.constraint().unwrap().to_string()
+}
+
+/// A step refers to its run as a foreign key would have it (V11 checks it per statement): no
+/// step without its run, no run renamed from under its steps, and a deleted or truncated run
+/// takes its steps with it.
+#[tokio::test]
+async fn a_step_needs_its_run_and_goes_with_it() {
+    let db = TestDb::new().await;
+    db.exec(
+        "insert into spool.runs (id, workflow, status, finished_at, output)
+              select 'r' || i, 'noop', 'succeeded', now(), '{}' from generate_series(1, 4) i;
+         insert into spool.operation_outputs (run_id, step, name, output, claim_epoch, started_at)
+              values ('r1', 1, 'a', '1', 1, now()), ('r1', 2, 'b', '2', 1, now()),
+                     ('r2', 1, 'a', '1', 1, now()), ('r3', 1, 'a', '1', 1, now());",
+    )
+    .await;
+    let steps = |sql: &'static str| {
+        let db = &db;
+        async move { db.scalar_i64(sql).await }
+    };
+    // a step of no run, alone or among steps of real runs: refused, nothing goes in
+    assert_eq!(
+        refused_as_foreign_key(
+            &db,
+            "insert into spool.operation_outputs (run_id, step, name, output, claim_epoch, started_at)
+                  values ('ghost', 1, 'a', '1', 1, now())"
+        )
+        .await,
+        "operation_outputs_run_fkey"
+    );
+    assert_eq!(
+        refused_as_foreign_key(
+            &db,
+            "insert into spool.operation_outputs (run_id, step, name, output, claim_epoch, started_at)
+                  values ('r4', 1, 'a', '1', 1, now()), ('ghost', 1, 'a', '1', 1, now())"
+        )
+        .await,
+        "operation_outputs_run_fkey"
+    );
+    assert_eq!(
+        steps("select count(*) from spool.operation_outputs").await,
+        4
+    );
+    // a step moved to no run
+    assert_eq!(
+        refused_as_foreign_key(
+            &db,
+            "update spool.operation_outputs set run_id = 'ghost' where run_id = 'r3'"
+        )
+        .await,
+        "operation_outputs_run_fkey"
+    );
+    // a run renamed from under its steps; one without steps may be renamed
+    assert_eq!(
+        refused_as_foreign_key(&db, "update spool.runs set id = 'renamed' where id = 'r1'").await,
+        "operation_outputs_run_fkey"
+    );
+    db.exec("update spool.runs set id = 'r4-renamed' where id = 'r4'")
+        .await;
+    // deleting runs deletes their steps, and only theirs
+    db.exec("delete from spool.runs where id in ('r1', 'r3')")
+        .await;
+    assert_eq!(
+        steps("select count(*) from spool.operation_outputs where run_id in ('r1', 'r3')").await,
+        0
+    );
+    assert_eq!(
+        steps("select count(*) from spool.operation_outputs where run_id = 'r2'").await,
+        1
+    );
+    db.exec("truncate spool.runs").await;
+    assert_eq!(
+        steps("select count(*) from spool.operation_outputs").await,
+        0
+    );
+}
