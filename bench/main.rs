@@ -116,7 +116,7 @@ struct Args {
     #[arg(long, env = "BENCH_NOOP_RUNS", default_value_t = 50_000)]
     noop_runs: i64,
     /// Runs of 10 steps.
-    #[arg(long, env = "BENCH_STEP_RUNS", default_value_t = 5_000)]
+    #[arg(long, env = "BENCH_STEP_RUNS", default_value_t = 20_000)]
     step_runs: i64,
     /// Longest a drain may take, in seconds, before it is reported as timed out.
     #[arg(long, env = "BENCH_DRAIN_LIMIT_SECS", default_value_t = 90)]
