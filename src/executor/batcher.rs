@@ -1,8 +1,9 @@
 //! Group commit for an executor's writes: step records and terminal transitions from all runs in
 //! flight are queued, and whatever has queued up while earlier statements ran goes out as the
 //! next statement (one round trip, one commit for many runs), with up to [`STREAMS`] statements
-//! of a queue in flight. An idle executor sends each write at once, so batching adds no latency;
-//! a busy one turns N commits into one. A run waits for each of its writes before the next, so
+//! of a queue in flight (the second only once [`SECOND_STREAM_MIN`] writes wait). An idle
+//! executor sends each write at once, so batching adds no latency; a busy one turns N commits
+//! into one. A run waits for each of its writes before the next, so
 //! no two statements in flight hold writes of the same run.
 //!
 //! Each write keeps its own fence: the batched statements are the same compare-and-set on
@@ -31,6 +32,10 @@ const MAX_BATCH: usize = 512;
 /// up while all are busy, so batches stay large; with two, the database works on one batch while
 /// the next one's results travel back, and can use two cores.
 const STREAMS: usize = 2;
+/// A statement goes out beside one already in flight only once this many writes wait: fewer
+/// wait for it instead, and go out together with what queues up meanwhile. Small batches in
+/// parallel cost a commit each for little overlap.
+const SECOND_STREAM_MIN: usize = 64;
 
 type Request<I, O> = (I, oneshot::Sender<Result<O, DbError>>);
 
@@ -66,7 +71,9 @@ impl<I: Send + Sync + 'static, O: Send + 'static> Batcher<I, O> {
             let mut open = true;
             while open || !running.is_empty() {
                 tokio::select! {
-                    n = rx.recv_many(&mut batch, MAX_BATCH), if open && running.len() < STREAMS => {
+                    n = rx.recv_many(&mut batch, MAX_BATCH),
+                        if open && (running.is_empty()
+                            || (running.len() < STREAMS && rx.len() >= SECOND_STREAM_MIN)) => {
                         if n == 0 {
                             open = false;
                             continue;
