@@ -79,9 +79,12 @@ async fn metrics_pass_promtool_and_one_executor_at_a_time_serves_the_databases()
             if sample(&ta, stamp).is_some() && sample(&tb, stamp).is_some() {
                 panic!("both processes serve the database's metrics");
             }
-            // a reading taken after the ticker ended: the orphan ready and unrunnable, none running
+            // a reading taken after the ticker ended: the orphan ready and unrunnable, none
+            // running, the later run scheduled (the families come from separate queries, so a
+            // reading from just before the inserts can show the ticker as the one ready run)
             let settled = |t: &str| {
                 sample(t, "spool_queue_ready_runs{queue=\"default\"}") == Some(1.0)
+                    && sample(t, "spool_queue_scheduled_runs{queue=\"default\"}") == Some(1.0)
                     && sample(t, "spool_queue_running_runs{queue=\"default\"}") == Some(0.0)
                     && sample(t, "spool_queue_unrunnable_runs{queue=\"default\"}") == Some(1.0)
             };
