@@ -1,7 +1,8 @@
 //! SQL for the database's metrics (`/metrics` of the executor holding the `metrics` lease): the
 //! queues' depth and oldest ready age, runs nobody can execute, executors and their leases. Each
 //! query reads only unfinished runs (through the partial indexes that hold them) or the executors
-//! table; how runs end is counted by each process (`spool_runs_*_total`).
+//! table; how runs end is counted by each process (`spool_runs_*_total`). The executor runs them
+//! in one repeatable-read transaction, so every family describes the same moment.
 
 use super::{Conn, DbError};
 

@@ -84,7 +84,19 @@ impl Maintenance {
         let held = maintenance::try_lease(&client, "metrics", &self.executor_id, self.interval * 3)
             .await?;
         let text = if held {
-            Some(render(&stats::collect(&client).await?))
+            // one snapshot for every family: read separately, a reading could count a run
+            // ready in one family and miss the runs inserted with it in the next
+            client
+                .batch_execute("begin isolation level repeatable read read only")
+                .await
+                .map_err(crate::db::DbError::from_pg)?;
+            let collected = stats::collect(&client).await;
+            let end = if collected.is_ok() { "commit" } else { "rollback" };
+            client
+                .batch_execute(end)
+                .await
+                .map_err(crate::db::DbError::from_pg)?;
+            Some(render(&collected?))
         } else {
             None
         };
