@@ -425,8 +425,8 @@ figure with the raw SQL ceiling measured in the same run (section 1).
    clients with the wake-up trigger on and off alternately (best of 3 rounds each), while a
    connection LISTENs for the wake-ups as an idle executor does.
 4. **Steps**: `ticker` runs with `{{\"count\": 10, \"interval_ms\": 0, \"steps\": 10}}` (10
-   memoized steps of one chunk each; no NATS, so the chunks go nowhere), drained like section 2;
-   steps/s = 10 × runs/s.
+   memoized steps of one chunk each; no NATS, so the chunks go nowhere), drained like section 2,
+   three times, each in a fresh database; steps/s = 10 × runs/s of the median drain.
 5. **Latency**: one `noop` run inserted by SQL at a time on 1, 2 or 4 idle executors (a fresh
    database each), the next after the previous one finished; `started_at − created_at`, both
    `now()` of database transactions, so the bench's polling adds nothing.
