@@ -91,7 +91,11 @@ impl Maintenance {
                 .await
                 .map_err(crate::db::DbError::from_pg)?;
             let collected = stats::collect(&client).await;
-            let end = if collected.is_ok() { "commit" } else { "rollback" };
+            let end = if collected.is_ok() {
+                "commit"
+            } else {
+                "rollback"
+            };
             client
                 .batch_execute(end)
                 .await

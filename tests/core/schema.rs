@@ -5,8 +5,9 @@ use spool::Registry;
 
 use crate::common::{wait_terminal, wait_until, TestDb};
 
-/// Runs `sql` and returns the name of the constraint that refused it.
-async fn refused_by(db: &TestDb, sql: &str) -> String {
+/// Runs `sql`, which must be refused with SQLSTATE `code`, and returns the name of the
+/// constraint that refused it.
+async fn refused_with(db: &TestDb, code: &str, sql: &str) -> String {
     let err = db
         .client()
         .await
@@ -14,8 +15,13 @@ async fn refused_by(db: &TestDb, sql: &str) -> String {
         .await
         .expect_err("should be refused");
     let db_err = err.as_db_error().expect("a database error");
-    assert_eq!(db_err.code().code(), "23514", "check violation: {db_err:?}");
+    assert_eq!(db_err.code().code(), code, "{db_err:?}");
     db_err.constraint().unwrap().to_string()
+}
+
+/// Runs `sql` and returns the name of the check constraint that refused it.
+async fn refused_by(db: &TestDb, sql: &str) -> String {
+    refused_with(db, "23514", sql).await
 }
 
 #[tokio::test]
@@ -288,17 +294,9 @@ async fn the_views_show_progress_depth_and_liveness() {
     let _ = json!(null);
 }
 
-/// Runs `sql` and returns the foreign-key error it got (SQLSTATE 23503): its constraint.
+/// Runs `sql` and returns the name of the foreign key (SQLSTATE 23503) that refused it.
 async fn refused_as_foreign_key(db: &TestDb, sql: &str) -> String {
-    let err = db
-        .client()
-        .await
-        .batch_execute(sql)
-        .await
-        .expect_err("should be refused");
-    let db_err = err.as_db_error().expect("a database error");
-    assert_eq!(db_err.code().code(), "23503", "foreign key: {db_err:?}");
-    db_err.constraint().unwrap().to_string()
+    refused_with(db, "23503", sql).await
 }
 
 /// A step refers to its run as a foreign key would have it (V11 checks it per statement): no
