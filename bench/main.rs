@@ -415,10 +415,11 @@ figure with the raw SQL ceiling measured in the same run (section 1).
    `noop` rows inserted in one statement, then 2 clients each repeat one statement that locks 50
    rows in claim order (`FOR UPDATE SKIP LOCKED`) and sets them `succeeded`, until none is left.
    1b: one `insert into spool.runs` per transaction (wake-up trigger disabled), 1 and 16 clients.
-2. **No-op drain**: 1, 2 or 4 idle `spool serve --worker-only` executors (and 1 at Spool's
-   defaults; and 1 at the defaults that idled 5 s on the empty queue first, as a deployed
-   executor has, so its claim's plan was made for an empty queue), then the runs inserted in one
-   statement; runs/s = finished runs / (last `finished_at` − first `started_at`). Commits per
+2. **No-op drain**: 1, 2 or 4 idle `spool serve` processes, executor and API as deployed (and
+   1 at Spool's defaults; and 1 at the defaults that idled 5 s on the empty queue first, as a
+   deployed executor has, so its claim's plan was made for an empty queue), then the runs
+   inserted in one statement. The bench learns that the drain ended from the processes'
+   `/metrics` counters, not by querying the database. Runs/s = finished runs / (last `finished_at` − first `started_at`). Commits per
    run: `pg_stat_database.xact_commit` of the section's database, read after the executors
    exited, the bench's own statements subtracted.
 3. **Enqueue**: HTTP `POST /v1/runs` against an `--api-only` process; SQL inserts from 16
