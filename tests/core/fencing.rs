@@ -4,7 +4,9 @@ use spool::db::runs::{self, Claimant, Finish, Outcome};
 use spool::db::steps::{self, FinishedStep, StepWrite};
 use spool::db::DbError;
 
-use crate::common::TestDb;
+use std::time::Duration;
+
+use crate::common::{wait_until, TestDb};
 
 fn step(output: &serde_json::Value) -> FinishedStep<'_> {
     FinishedStep {
@@ -407,4 +409,91 @@ async fn a_retried_finish_recognises_its_own_committed_transition() {
     };
     let refused = runs::finish_many_if_owned(&client, &[other]).await.unwrap();
     assert!(matches!(refused[0], Err(DbError::Lost(_))), "{refused:?}");
+}
+
+/// One step write of `run` at `epoch`, as the batcher sends it.
+fn step_write(run: &str, epoch: i64) -> StepWrite {
+    StepWrite {
+        run_id: run.into(),
+        claim_epoch: epoch,
+        step: 1,
+        name: "s".into(),
+        output: Some(json!(1)),
+        error: None,
+        chunks: vec![],
+        started_at: Utc::now(),
+    }
+}
+
+/// A batched step write that reaches its run while another transaction holds the run waits for
+/// it, then judges the run as that transaction left it: a re-claim (a new epoch) makes the
+/// write lost and records nothing; a cancel request leaves it recorded, with the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_step_write_judges_its_run_as_a_concurrent_transaction_left_it() {
+    let db = TestDb::new().await;
+    db.exec(
+        "insert into spool.executors (id, workflows) values ('e', '{noop}');
+         insert into spool.runs (id, workflow, status, executor_id, incarnation, claim_epoch, attempt)
+              values ('reclaimed', 'noop', 'running', 'e', 1, 3, 3),
+                     ('cancelled', 'noop', 'running', 'e', 1, 3, 3)",
+    )
+    .await;
+    for (run, change) in [
+        (
+            "reclaimed",
+            "update spool.runs set claim_epoch = 4, attempt = 4 where id = 'reclaimed'",
+        ),
+        (
+            "cancelled",
+            "update spool.runs set cancel_requested = true where id = 'cancelled'",
+        ),
+    ] {
+        let mut other = db.client().await;
+        let tx = other.transaction().await.unwrap();
+        tx.execute("select 1 from spool.runs where id = $1 for update", &[&run])
+            .await
+            .unwrap();
+        let writer = db.client().await;
+        let write = tokio::spawn({
+            let w = step_write(run, 3);
+            async move { steps::record_steps_if_owned(&writer, &[w]).await }
+        });
+        wait_until(
+            "the step write to wait for the run's lock",
+            Duration::from_secs(10),
+            || async {
+                (db.scalar_i64(
+                    "select count(*) from pg_stat_activity
+                      where wait_event_type = 'Lock' and query like '%operation_outputs%'",
+                )
+                .await
+                    == 1)
+                    .then_some(())
+            },
+        )
+        .await;
+        tx.execute(change, &[]).await.unwrap();
+        tx.commit().await.unwrap();
+        let results = write.await.unwrap().unwrap();
+        let recorded = db
+            .scalar_i64(&format!(
+                "select count(*) from spool.operation_outputs where run_id = '{run}'"
+            ))
+            .await;
+        if run == "reclaimed" {
+            assert!(
+                matches!(results[0], Err(DbError::Lost(_))),
+                "{:?}",
+                results[0]
+            );
+            assert_eq!(recorded, 0, "nothing recorded under the old epoch");
+        } else {
+            let outcome = results[0].as_ref().expect("recorded");
+            assert!(
+                outcome.cancel_requested,
+                "the write sees the cancel request"
+            );
+            assert_eq!(recorded, 1);
+        }
+    }
 }
