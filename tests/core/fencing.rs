@@ -19,6 +19,20 @@ fn step(output: &serde_json::Value) -> FinishedStep<'_> {
     }
 }
 
+/// Step 1 of `run` at `epoch` (one chunk), as the batcher sends it.
+fn step_write(run: &str, epoch: i64) -> StepWrite {
+    StepWrite {
+        run_id: run.into(),
+        claim_epoch: epoch,
+        step: 1,
+        name: "s".into(),
+        output: Some(json!(1)),
+        error: None,
+        chunks: vec!["c".into()],
+        started_at: Utc::now(),
+    }
+}
+
 /// Executor `e`, incarnation 1, serving every queue.
 fn first_incarnation(workflows: &[String]) -> Claimant<'_> {
     Claimant {
@@ -138,20 +152,11 @@ async fn batched_writes_fence_each_run_by_its_own_claim_epoch() {
     )
     .await;
     let client = db.client().await;
-    let write = |run: &str, epoch: i64| StepWrite {
-        run_id: run.into(),
-        claim_epoch: epoch,
-        step: 1,
-        name: "s".into(),
-        output: Some(json!(1)),
-        error: None,
-        chunks: vec!["c".into()],
-        started_at: Utc::now(),
-    };
     // one batch: the current owner of 'cur' and a stale writer of 'old' (epoch 4 < 5)
-    let results = steps::record_steps_if_owned(&client, &[write("cur", 3), write("old", 4)])
-        .await
-        .unwrap();
+    let results =
+        steps::record_steps_if_owned(&client, &[step_write("cur", 3), step_write("old", 4)])
+            .await
+            .unwrap();
     assert!(results[0].is_ok(), "{:?}", results[0]);
     assert!(
         matches!(results[1], Err(DbError::Lost(_))),
@@ -164,7 +169,7 @@ async fn batched_writes_fence_each_run_by_its_own_claim_epoch() {
         0
     );
     // the same write retried (its reply was lost) is recognised as ours
-    let again = steps::record_steps_if_owned(&client, &[write("cur", 3)])
+    let again = steps::record_steps_if_owned(&client, &[step_write("cur", 3)])
         .await
         .unwrap();
     assert!(again[0].is_ok());
@@ -180,9 +185,9 @@ async fn batched_writes_fence_each_run_by_its_own_claim_epoch() {
     .await;
     let second = StepWrite {
         step: 2,
-        ..write("cur", 3)
+        ..step_write("cur", 3)
     };
-    let mixed = steps::record_steps_if_owned(&client, &[second, write("hand", 2)])
+    let mixed = steps::record_steps_if_owned(&client, &[second, step_write("hand", 2)])
         .await
         .unwrap();
     assert!(mixed[0].is_ok(), "{:?}", mixed[0]);
@@ -409,20 +414,6 @@ async fn a_retried_finish_recognises_its_own_committed_transition() {
     };
     let refused = runs::finish_many_if_owned(&client, &[other]).await.unwrap();
     assert!(matches!(refused[0], Err(DbError::Lost(_))), "{refused:?}");
-}
-
-/// One step write of `run` at `epoch`, as the batcher sends it.
-fn step_write(run: &str, epoch: i64) -> StepWrite {
-    StepWrite {
-        run_id: run.into(),
-        claim_epoch: epoch,
-        step: 1,
-        name: "s".into(),
-        output: Some(json!(1)),
-        error: None,
-        chunks: vec![],
-        started_at: Utc::now(),
-    }
 }
 
 /// A batched step write that reaches its run while another transaction holds the run waits for
