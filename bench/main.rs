@@ -415,6 +415,10 @@ figure with the raw SQL ceiling measured in the same run (section 1).
    `noop` rows inserted in one statement, then 2 clients each repeat one statement that locks 50
    rows in claim order (`FOR UPDATE SKIP LOCKED`) and sets them `succeeded`, until none is left.
    1b: one `insert into spool.runs` per transaction (wake-up trigger disabled), 1 and 16 clients.
+   1c: the same 100,000 rows, 2 clients each repeating a claim of 512 rows to `running` (one
+   committed statement) and their finish to `succeeded` (a second one): the two transitions a
+   Spool run makes, with no fencing and no Spool process; rows/s, commits and WAL bytes per row
+   (from a checkpoint before the insert to the end, by `pg_walinspect`).
 2. **No-op drain**: 1, 2 or 4 idle `spool serve` processes, executor and API as deployed (and
    1 at Spool's defaults; and 1 at the defaults that idled 5 s on the empty queue first, as a
    deployed executor has, so its claim's plan was made for an empty queue), then the runs

@@ -11,6 +11,8 @@ enum Goal {
     PeerRatio(f64),
     AtMost(f64),
     AtLeast(f64),
+    /// No target: a figure that puts the targets in context (the SQL floor of section 1).
+    Context,
 }
 
 struct Line {
@@ -32,6 +34,13 @@ const LINES: &[Line] = &[
         goal: Goal::PeerRatio(2.0),
     },
     Line {
+        figure: "the SQL floor: claim, then finish, no Spool code (1c)",
+        spool: "1c SQL claim, then finish: two committed",
+        peer: Some("no-op drain"),
+        unit: Unit::PerSec("rows"),
+        goal: Goal::Context,
+    },
+    Line {
         figure: "no-op drain at Spool's defaults (1 executor)",
         spool: "no-op drain, 1 executor at Spool's defaults",
         peer: Some("no-op drain"),
@@ -44,6 +53,13 @@ const LINES: &[Line] = &[
         peer: Some("WAL bytes per job"),
         unit: Unit::Plain("B"),
         goal: Goal::AtMost(600.0),
+    },
+    Line {
+        figure: "WAL bytes per row of the SQL floor (1c)",
+        spool: "1c SQL claim, then finish: WAL bytes",
+        peer: Some("WAL bytes per job"),
+        unit: Unit::Plain("B"),
+        goal: Goal::Context,
     },
     Line {
         figure: "commits per no-op run",
@@ -109,6 +125,7 @@ pub fn table(rows: &[Row], extra: &[&str]) -> String {
                 format!("≥ {}", format_value(t, line.unit)),
                 spool.map(|s| s >= t),
             ),
+            Goal::Context => ("(context)".to_string(), None),
         };
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} |\n",
@@ -117,7 +134,10 @@ pub fn table(rows: &[Row], extra: &[&str]) -> String {
             show(peer, line.unit),
             ratio.map_or("—".into(), |r| format!("{r:.2}×")),
             target,
-            status(met),
+            match line.goal {
+                Goal::Context => "—",
+                _ => status(met),
+            },
         ));
     }
     for prefix in extra {
