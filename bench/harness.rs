@@ -44,6 +44,34 @@ impl Bench {
         format!("{}/{name}?sslmode=disable", self.pg_base)
     }
 
+    /// Leaves the cluster quiet for the next section: drops the databases earlier sections made
+    /// (the retention soak leaves half a gigabyte that autovacuum would still be cleaning while
+    /// the next section measures, on the same two cores), then checkpoints. Returns how many
+    /// databases it dropped. Every section starts from its own fresh database, so none is needed
+    /// again.
+    pub async fn settle(&self) -> Result<usize> {
+        let admin = connect(&self.db_url("postgres")).await?;
+        let names: Vec<String> = admin
+            .query(
+                "select datname from pg_database
+                  where not datistemplate and datname <> 'postgres'",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for name in &names {
+            // `with (force)` also ends an autovacuum worker in it
+            admin
+                .batch_execute(&format!("drop database if exists \"{name}\" with (force)"))
+                .await
+                .with_context(|| format!("drop database {name}"))?;
+        }
+        admin.batch_execute("checkpoint").await?;
+        Ok(names.len())
+    }
+
     /// Creates database `name` (dropping a leftover one) and migrates it with `spool migrate`.
     pub async fn fresh_db(&self, name: &str) -> Result<Db> {
         let admin = connect(&self.db_url("postgres")).await?;

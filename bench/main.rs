@@ -361,6 +361,10 @@ async fn run(args: &Args) -> Vec<Row> {
         }
         eprintln!("bench: {section} took {:.1} s", t.elapsed().as_secs_f64());
         rows.extend(new_rows);
+        match bench.settle().await {
+            Ok(n) => eprintln!("bench: dropped the {n} databases of {section}"),
+            Err(e) => eprintln!("bench: could not drop the databases of {section}: {e:#}"),
+        }
     }
     let ratios = peer::ratios(&rows);
     rows.extend(ratios);
@@ -405,7 +409,8 @@ Every target, with Graphile Worker measured on the same cluster in the same run 
 ## Results
 
 Every figure is measured in a release build against a private PostgreSQL (durable settings) and
-nats-server started by the bench; each section has its own fresh database. Ratios compare a Spool
+nats-server started by the bench; each section has its own fresh database, dropped when the
+section ends (then a checkpoint), so no section pays for the autovacuum of another's tables. Ratios compare a Spool
 figure with the raw SQL ceiling measured in the same run (section 1).
 
 {table}
