@@ -218,7 +218,9 @@ impl Db {
     }
 
     /// Where the WAL between two positions went, per record type (pg_walinspect): the largest
-    /// `top` types as "type bytes-per-run", and full-page images apart.
+    /// `top` types as "type bytes-per-run", and full-page images apart. pg_walinspect reads only
+    /// flushed WAL: the end is at most the flush position (what autovacuum wrote since the
+    /// last commit may not be flushed yet).
     pub async fn wal_breakdown(&self, from: i64, to: i64, runs: i64, top: usize) -> Result<String> {
         self.client
             .batch_execute("create extension if not exists pg_walinspect")
@@ -227,7 +229,9 @@ impl Db {
             .client
             .query(
                 r#"select "resource_manager/record_type", record_size::float8, fpi_size::float8
-                     from pg_get_wal_stats('0/0'::pg_lsn + $1::int8, '0/0'::pg_lsn + $2::int8, true)
+                     from pg_get_wal_stats('0/0'::pg_lsn + $1::int8,
+                                           least('0/0'::pg_lsn + $2::int8, pg_current_wal_flush_lsn()),
+                                           true)
                     where count > 0
                     order by combined_size desc"#,
                 &[&from, &to],

@@ -430,7 +430,9 @@ figure with the raw SQL ceiling measured in the same run (section 1).
    inserted in one statement. The bench learns that the drain ended from the processes'
    `/metrics` counters, not by querying the database. Runs/s = finished runs / (last `finished_at` − first `started_at`). Commits per
    run: `pg_stat_database.xact_commit` of the section's database, read after the executors
-   exited, the bench's own statements subtracted.
+   exited, the bench's own statements subtracted. The two figures compared with Graphile
+   Worker's (1 executor tuned, and at the defaults) are the median of 3 drains, as Graphile
+   Worker's is; the WAL and commits shown are the median drain's.
 3. **Enqueue**: HTTP `POST /v1/runs` against an `--api-only` process; SQL inserts from 16
    clients with the wake-up trigger on and off alternately (best of 3 rounds each), while a
    connection LISTENs for the wake-ups as an idle executor does.

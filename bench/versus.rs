@@ -11,7 +11,8 @@ enum Goal {
     PeerRatio(f64),
     AtMost(f64),
     AtLeast(f64),
-    /// No target: a figure that puts the targets in context (the SQL floor of section 1).
+    /// No target: a figure that puts the targets in context (plain SQL making a run's two
+    /// transitions, section 1c).
     Context,
 }
 
@@ -34,7 +35,7 @@ const LINES: &[Line] = &[
         goal: Goal::PeerRatio(2.0),
     },
     Line {
-        figure: "the SQL floor: claim, then finish, no Spool code (1c)",
+        figure: "plain SQL making the same two transitions, 2 clients (1c)",
         spool: "1c SQL claim, then finish: two committed",
         peer: Some("no-op drain"),
         unit: Unit::PerSec("rows"),
@@ -55,7 +56,7 @@ const LINES: &[Line] = &[
         goal: Goal::AtMost(600.0),
     },
     Line {
-        figure: "WAL bytes per row of the SQL floor (1c)",
+        figure: "WAL bytes per row of plain SQL making them (1c)",
         spool: "1c SQL claim, then finish: WAL bytes",
         peer: Some("WAL bytes per job"),
         unit: Unit::Plain("B"),
