@@ -66,41 +66,28 @@ pub async fn measure(bench: &Bench, p: &CeilingParams) -> Result<(Ceiling, Vec<R
         claim_complete,
         commits_16,
     };
+    let of_rows = format_value(p.claim_rows as f64, Unit::Plain(""));
     let rows = vec![
-        Row::new(
-            1,
+        rate(
             "1a SQL claim+complete, 50 rows/statement, 2 clients",
             claim_complete,
-            Unit::PerSec("rows"),
-        )
-        .note(format!(
-            "{} rows; best of {ROUNDS}",
-            format_value(p.claim_rows as f64, Unit::Plain(""))
-        )),
-        Row::new(
-            1,
+            format!("{of_rows} rows; best of {ROUNDS}"),
+        ),
+        rate(
             "1b SQL single-row insert commits, 1 client",
             commits_1,
-            Unit::PerSec("rows"),
-        )
-        .note(format!("best of {ROUNDS}")),
-        Row::new(
-            1,
+            format!("best of {ROUNDS}"),
+        ),
+        rate(
             "1b SQL single-row insert commits, 16 clients",
             commits_16,
-            Unit::PerSec("rows"),
-        )
-        .note(format!("best of {ROUNDS}")),
-        Row::new(
-            1,
+            format!("best of {ROUNDS}"),
+        ),
+        rate(
             "1c SQL claim, then finish: two committed updates per run, 512 rows/statement, 2 clients",
             two_step.per_sec,
-            Unit::PerSec("rows"),
-        )
-        .note(format!(
-            "{} rows; best of {ROUNDS}; 2 commits per 512 rows",
-            format_value(p.claim_rows as f64, Unit::Plain(""))
-        )),
+            format!("{of_rows} rows; best of {ROUNDS}; 2 commits per 512 rows"),
+        ),
         Row::new(
             1,
             "1c SQL claim, then finish: WAL bytes per row (insert to finish, after a checkpoint)",
@@ -110,6 +97,11 @@ pub async fn measure(bench: &Bench, p: &CeilingParams) -> Result<(Ceiling, Vec<R
         .note(two_step.wal_top),
     ];
     Ok((c, rows))
+}
+
+/// A row of section 1 in rows/s.
+fn rate(figure: &str, value: f64, note: String) -> Row {
+    Row::new(1, figure, value, Unit::PerSec("rows")).note(note)
 }
 
 /// Inserts `n` queued `noop` runs in one statement (as the no-op drains do).
